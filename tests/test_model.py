@@ -1,0 +1,327 @@
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from vnt import (VNAttention, VNInvariant, VNLinear, VNReLU, VNTransformer, VNTransformerConfig,
+                 equivariance_error)
+from vnt.equivariance import DTYPE_TOLERANCES
+from vnt.rotations import euler_rotation, random_rotations
+
+BACKENDS = ["math", "sdpa", "l2", "l2_math"]
+FUSION = {"fusion_off": None, "fusion_on": 8}
+
+
+def small_model(backend, dim_feat=None, dtype=torch.float64, **kw):
+    kw = {"dim": 16, "depth": 2, "dim_head": 8, "heads": 2, **kw}
+    return VNTransformer(dim_feat=dim_feat, attn_backend=backend, **kw).to(dtype)
+
+
+def inputs(b=3, n=20, dim_feat=None, dtype=torch.float64, pad=True):
+    coors = torch.randn(b, n, 3, dtype=dtype)
+    feats = torch.randn(b, n, dim_feat, dtype=dtype) if dim_feat else None
+    mask = torch.ones(b, n, dtype=torch.bool)
+    if pad:
+        mask[1, n // 2:] = False
+        mask[2, n - 3:] = False
+        coors = coors.masked_fill(~mask[..., None], 1e3)  # garbage in the padding
+        coors[1, -1] = float("nan")
+    return coors, feats, mask
+
+
+@pytest.mark.parametrize("fusion", FUSION.values(), ids=FUSION.keys())
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_so3_equivariance_float64(backend, fusion):
+    model = small_model(backend, fusion)
+    coors, feats, mask = inputs(dim_feat=fusion)
+    err = equivariance_error(model, coors, feats=feats, mask=mask, num_rotations=4)
+    assert err.rel < DTYPE_TOLERANCES[torch.float64], err
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_se3_equivariance_per_sample_translation(backend):
+    model = small_model(backend, 8, translation_equivariance=True)
+    coors, feats, mask = inputs(dim_feat=8)
+    err = equivariance_error(model, coors, feats=feats, mask=mask, translate=True, translation_scale=50.0)
+    assert err.rel < DTYPE_TOLERANCES[torch.float64], err
+
+
+def test_translation_invariant_output_does_not_move():
+    model = small_model("math", translation_invariant=True)
+    coors, _, mask = inputs()
+    err = equivariance_error(model, coors, mask=mask, translate=True)
+    assert err.rel < DTYPE_TOLERANCES[torch.float64], err
+    # and the expectation is really "does not move": claiming it translates must fail
+    err_wrong = equivariance_error(model, coors, mask=mask, translate=True, output_translates=True)
+    assert err_wrong.rel > 1e-2
+
+
+def test_centering_uses_each_samples_own_valid_points():
+    """The original took one mean over the batch and padding; shifting sample 0 moved sample 1."""
+    model = small_model("math", translation_equivariance=True)
+    coors, _, mask = inputs()
+    out = model(coors, mask=mask)
+    moved = coors.clone()
+    moved[0] += 100.0
+    moved[1, ~mask[1]] = -7.0  # different garbage in the padding
+    out2 = model(moved, mask=mask)
+    torch.testing.assert_close(out2[1][mask[1]], out[1][mask[1]])
+    torch.testing.assert_close(out2[2][mask[2]], out[2][mask[2]])
+    torch.testing.assert_close(out2[0], out[0] + 100.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_padding_never_changes_valid_outputs(backend):
+    model = small_model(backend, 8)
+    coors, feats, _ = inputs(b=2, n=12, dim_feat=8, pad=False)
+    ref_c, ref_f = model(coors, feats=feats)
+    extra = 7
+    padded_c = torch.cat((coors, torch.randn(2, extra, 3) * 1e4), dim=1)
+    padded_f = torch.cat((feats, torch.randn(2, extra, 8) * 1e4), dim=1)
+    mask = torch.ones(2, 12 + extra, dtype=torch.bool)
+    mask[:, 12:] = False
+    out_c, out_f = model(padded_c, feats=padded_f, mask=mask)
+    torch.testing.assert_close(out_c[:, :12], ref_c, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(out_f[:, :12], ref_f, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("pair", [("sdpa", "math"), ("l2", "l2_math")], ids=["sdpa_vs_math", "l2_vs_l2_math"])
+def test_backends_agree_with_math_path(pair, dtype):
+    """Outputs and input gradients of a fused backend match its written-out reference.
+
+    float32 L2-distance attention is ill-conditioned on both paths alike (2 q.k - |k|^2 cancels,
+    and tied q = k peaks the softmax on the diagonal), so there each path is compared to the
+    float64 truth and the fused path may not be more than 3x further from it than the reference."""
+    fast, ref = pair
+    m_fast = small_model(fast, 8, dtype=dtype)
+    m_ref = small_model(ref, 8, dtype=dtype)
+    m_ref.load_state_dict(m_fast.state_dict())
+    m_true = small_model(ref, 8, dtype=torch.float64)
+    m_true.load_state_dict(m_fast.state_dict())
+    coors, feats, mask = inputs(dim_feat=8, dtype=dtype)
+
+    def run(model, dt):
+        c = coors.to(dt).requires_grad_(True)
+        out = model(c, feats=feats.to(dt), mask=mask)[0]
+        grad, = torch.autograd.grad(out[mask].sum(), c)
+        return out[mask].double(), grad.double()
+
+    (o_fast, g_fast), (o_ref, g_ref) = run(m_fast, dtype), run(m_ref, dtype)
+    if dtype == torch.float64 or fast == "sdpa":
+        tol = 1e-10 if dtype == torch.float64 else 1e-4
+        torch.testing.assert_close(o_fast, o_ref, rtol=tol, atol=tol)
+        torch.testing.assert_close(g_fast, g_ref, rtol=tol, atol=tol)
+    else:
+        o_true, g_true = run(m_true, torch.float64)
+        for fast_t, ref_t, true_t in ((o_fast, o_ref, o_true), (g_fast, g_ref, g_true)):
+            err_fast = (fast_t - true_t).abs().max()
+            err_ref = (ref_t - true_t).abs().max()
+            assert err_fast <= 3 * err_ref + 1e-5, (err_fast, err_ref)
+
+
+def test_l2_attention_is_l2_distance():
+    """'l2' (augmented SDPA) equals softmax(-scale |q - k|^2) written with cdist."""
+    from vnt.attend import Attend
+    q = torch.randn(2, 3, 10, 12, dtype=torch.float64)
+    v = torch.randn(2, 3, 10, 12, dtype=torch.float64)
+    out = Attend(backend="l2")(q, q, v)
+    sim = -torch.cdist(q, q) ** 2 * 12 ** -0.5
+    torch.testing.assert_close(out, sim.softmax(-1) @ v)
+
+
+def test_bias_epsilon_breaks_equivariance_growing_with_epsilon():
+    coors, feats, mask = inputs(dim_feat=8)
+    errs = []
+    for eps in (0.0, 1e-6, 1e-4, 1e-2):
+        torch.manual_seed(1)
+        model = small_model("math", 8, bias_epsilon=eps)
+        errs.append(equivariance_error(model, coors, feats=feats, mask=mask,
+                                       generator=torch.Generator().manual_seed(0)).rel)
+    assert errs[0] < 1e-10
+    assert all(b > a * 10 for a, b in zip(errs, errs[1:])), errs
+
+
+def test_float32_deep_long_equivariance():
+    """depth 4, n = 256, float32: the issue's target is 1e-5 relative.
+
+    Measured on this CPU: ~1e-5 to 3e-5 with early fusion, ~1e-3 without (see the README's
+    'numerics' note): rounding noise is amplified by the attention's cancelling averages and the
+    VN layer norm. This test pins the level reached so a regression (or a broken layer, which
+    gives O(1)) fails; test_float32_target_1e5 below records the unmet target."""
+    coors = torch.randn(2, 256, 3)
+    for fusion, bound in ((16, 2e-4), (None, 1e-2)):
+        for backend in ("math", "sdpa"):
+            model = VNTransformer(dim=32, depth=4, dim_head=16, heads=4, dim_feat=fusion, attn_backend=backend)
+            feats = torch.randn(2, 256, fusion) if fusion else None
+            err = equivariance_error(model, coors, feats=feats, num_rotations=2)
+            assert err.rel < bound, (backend, fusion, err)
+
+
+@pytest.mark.xfail(reason="issue target 1e-5 at depth 4 / n=256 in float32 is not met without fusion "
+                          "(measured ~1e-3); see README numerics note", strict=False)
+def test_float32_target_1e5():
+    coors = torch.randn(2, 256, 3)
+    model = VNTransformer(dim=32, depth=4, dim_head=16, heads=4, attn_backend="math")
+    assert equivariance_error(model, coors, num_rotations=2).rel <= 1e-5
+
+
+def test_vn_relu_projects_onto_plane_orthogonal_to_k():
+    relu = VNReLU(4).double()
+    x = torch.randn(50, 3, 4, dtype=torch.float64)
+    qk = torch.nn.functional.linear(x, relu.weight)
+    q, k = qk.chunk(2, dim=-1)
+    out = relu(x)
+    neg = (q * k).sum(-2) < 0
+    assert neg.any() and (~neg).any()
+    # where <q, k> < 0 the output is orthogonal to k (the original multiplied by k, not k/|k|)
+    dot = (out * k).sum(-2)
+    assert dot[neg].abs().max() < 1e-10
+    torch.testing.assert_close(out.transpose(-1, -2)[~neg], q.transpose(-1, -2)[~neg])
+    # leaky variant: alpha q + (1 - alpha) relu
+    leaky = VNReLU(4, negative_slope=0.2).double()
+    leaky.load_state_dict(relu.state_dict())
+    torch.testing.assert_close(leaky(x), 0.2 * q + 0.8 * out)
+
+
+def test_vn_invariant_is_per_channel_and_invariant():
+    inv = VNInvariant(6).double()
+    x = torch.randn(2, 5, 3, 6, dtype=torch.float64)
+    rot = random_rotations(1)[0]
+    out = inv(x)
+    assert out.shape == (2, 5, 6, 3)
+    rotated = torch.einsum("b n c d, e c -> b n e d", x, rot)
+    torch.testing.assert_close(inv(rotated), out)
+
+
+def test_vn_attention_latents_shape_and_equivariance():
+    attn = VNAttention(8, dim_head=4, heads=2, num_latents=3, attn_backend="sdpa").double()
+    x = torch.randn(2, 10, 3, 8, dtype=torch.float64)
+    mask = torch.ones(2, 10, dtype=torch.bool)
+    mask[0, 6:] = False
+    out = attn(x, mask=mask)
+    assert out.shape == (2, 3, 3, 8)
+    rot = random_rotations(1)[0]
+    rotated = torch.einsum("b n c d, e c -> b n e d", x, rot)
+    torch.testing.assert_close(attn(rotated, mask=mask), torch.einsum("b n c d, e c -> b n e d", out, rot))
+
+
+def test_init_is_fan_in_scaled_and_softmax_not_saturated():
+    lin = VNLinear(256, 256)
+    x = torch.randn(64, 3, 256)
+    ratio = lin(x).std() / x.std()
+    assert 0.8 < ratio < 1.2, ratio  # the original's randn weights gave ~16
+    model = VNTransformer(dim=64, depth=1, dim_head=64, heads=8, attn_backend="math")
+    attn = model.encoder.layers[0][0]
+    x = model.proj_in(torch.randn(2, 128, 3, 1))
+    q, k, _ = attn.to_qkv.split(x, 3)
+    from einops import rearrange
+    q, k = (rearrange(t, "b n c (h d) -> b h n (c d)", h=8) for t in (q, k))
+    probs = (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1)
+    assert probs.max(-1).values.mean() < 0.5  # the original's init put ~all weight on one key
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_false_mask_gives_finite_outputs_and_grads(backend):
+    model = small_model(backend, 8, dtype=torch.float32, translation_equivariance=True)
+    coors, feats, mask = inputs(dim_feat=8, dtype=torch.float32)
+    mask[0] = False
+    feats.requires_grad_(True)
+    c, f = model(coors, feats=feats, mask=mask)
+    assert torch.isfinite(c).all() and torch.isfinite(f).all()
+    (c.sum() + f.sum()).backward()
+    assert torch.isfinite(feats.grad).all()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_token_features():
+    model = VNTransformer(dim=16, depth=1, dim_head=8, heads=2, num_tokens=21, dim_feat=8)
+    coors = torch.randn(2, 10, 3)
+    tokens = torch.randint(0, 21, (2, 10))
+    c, f = model(coors, feats=tokens)
+    assert c.shape == (2, 10, 3) and f.shape == (2, 10, 8)
+    cat = model(coors, feats=tokens, return_concatted_coors_and_feats=True)
+    assert cat.shape == (2, 10, 11)
+
+
+def test_reduce_dim_out_false_keeps_original_layout():
+    model = VNTransformer(dim=16, depth=1, dim_head=8, heads=2, reduce_dim_out=False)
+    assert model(torch.randn(2, 10, 3)).shape == (2, 10, 16, 3)
+
+
+BAD_INPUTS = {
+    "coor_width": (dict(), lambda: (torch.randn(2, 5, 4), {}), r"\(batch, points, 3\)"),
+    "coor_ndim": (dict(), lambda: (torch.randn(5, 3), {}), r"\(batch, points, 3\)"),
+    "feat_width": (dict(dim_feat=8), lambda: (torch.randn(2, 5, 3), {"feats": torch.randn(2, 5, 7)}), r"\(2, 5, 8\)"),
+    "feats_missing": (dict(dim_feat=8), lambda: (torch.randn(2, 5, 3), {}), r"dim_feat=8"),
+    "mask_shape": (dict(), lambda: (torch.randn(2, 5, 3), {"mask": torch.ones(2, 6, dtype=torch.bool)}), r"\(2, 5\)"),
+    "mask_dtype": (dict(), lambda: (torch.randn(2, 5, 3), {"mask": torch.ones(2, 5)}), r"bool"),
+    "tokens_without_num_tokens": (dict(dim_feat=8), lambda: (torch.randn(2, 5, 3), {"feats": torch.zeros(2, 5, dtype=torch.long)}), r"num_tokens"),
+    "int_coors": (dict(), lambda: (torch.zeros(2, 5, 3, dtype=torch.long), {}), r"floating point"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS.values(), ids=BAD_INPUTS.keys())
+def test_bad_input_raises_value_error(case):
+    kw, make, pattern = case
+    model = VNTransformer(dim=8, depth=1, dim_head=4, heads=2, **kw)
+    coors, extra = make()
+    with pytest.raises(ValueError, match=pattern):
+        model(coors, **extra)
+
+
+@pytest.mark.parametrize("kw, pattern", [
+    (dict(flash_attn=True, l2_dist_attn=True), "incompatible"),
+    (dict(attn_backend="math", flash_attn=True), "contradicts"),
+    (dict(attn_backend="fast"), "one of"),
+    (dict(translation_equivariance=True, translation_invariant=True), "mutually exclusive"),
+    (dict(sdpa_kernels=("warp",)), "sdpa_kernels"),
+    (dict(bias_epsilon=-1.0), "bias_epsilon"),
+    (dict(typo_option=1), "typo_option"),
+])
+def test_bad_options_fail_at_construction(kw, pattern):
+    with pytest.raises((ValueError, TypeError), match=pattern):
+        VNTransformer(dim=8, depth=1, **kw)
+
+
+def test_flags_map_to_backends_and_kernel_is_reported():
+    assert VNTransformer(dim=8, depth=1, flash_attn=True).config.attn_backend == "sdpa"
+    assert VNTransformer(dim=8, depth=1, l2_dist_attn=True).config.attn_backend == "l2"
+    model = VNTransformer(dim=8, depth=2, dim_head=4, heads=2, flash_attn=True)
+    model(torch.randn(1, 6, 3))
+    assert all(k in ("flash", "efficient", "math") for k in model.encoder.attention_kernels())
+    only_math = VNTransformer(dim=8, depth=1, dim_head=4, heads=2, flash_attn=True, sdpa_kernels=("math",))
+    only_math(torch.randn(1, 6, 3))
+    assert only_math.encoder.attention_kernels() == ["math"]
+
+
+def test_config_round_trip():
+    model = VNTransformer(dim=8, depth=1, dim_feat=4, bias_epsilon=1e-4, attn_backend="sdpa")
+    cfg = VNTransformerConfig.from_dict(model.config.to_dict())
+    assert cfg == model.config
+    assert VNTransformer.from_config(cfg).config == model.config
+    with pytest.raises(ValueError, match="unknown"):
+        VNTransformerConfig.from_dict({**cfg.to_dict(), "dmi": 3})
+
+
+def test_rotations_are_haar_orthonormal_and_euler_matches_axes():
+    rots = random_rotations(2000, generator=torch.Generator().manual_seed(0))
+    eye = torch.eye(3, dtype=torch.float64).expand(2000, 3, 3)
+    torch.testing.assert_close(rots @ rots.transpose(-1, -2), eye)
+    torch.testing.assert_close(torch.linalg.det(rots), torch.ones(2000, dtype=torch.float64))
+    # Haar: E[R] = 0 and E[trace R] = 0
+    assert rots.mean(0).abs().max() < 0.05
+    rz = euler_rotation(torch.pi / 2, 0.0, 0.0)
+    torch.testing.assert_close(rz @ torch.tensor([1.0, 0, 0], dtype=torch.float64),
+                               torch.tensor([0.0, 1, 0], dtype=torch.float64))
+
+
+def test_readme_example_runs():
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    assert blocks, "README has no python example"
+    for block in blocks:
+        if "# readme-test: skip" in block:
+            continue
+        exec(compile(block, "README.md", "exec"), {})

@@ -1,0 +1,91 @@
+"""Equivariance as a measured number (cf. e3nn's ``equivariance_error``).
+
+For a model f with coordinate output and optional invariant feature output, and Haar-random
+rotations R (and optionally a random translation t_b per sample b):
+
+    err = max over rotations of | f(x R^T + t) - (f(x) R^T + t') |
+
+where t' = t if the model is translation equivariant, else 0, and feature outputs are compared
+to themselves unrotated. Input and output transforms are done in float64; the model runs in its
+own dtype (or under autocast, if the caller wraps the call). Only valid (unmasked) points count.
+``rel`` divides by the largest absolute value of the expected output, so it is scale free.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from vnt.rotations import random_rotations
+
+__all__ = ["EquivarianceError", "equivariance_error", "DTYPE_TOLERANCES"]
+
+# relative-error tolerances by dtype for equivariance tests (bias_epsilon = 0)
+DTYPE_TOLERANCES = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 5e-2}
+
+
+@dataclass(frozen=True)
+class EquivarianceError:
+    rel: float
+    abs: float
+    num_rotations: int
+
+
+def _split(out):
+    return (out[0], out[1]) if isinstance(out, tuple) else (out, None)
+
+
+def equivariance_error(model, coors: Tensor, *, feats: Tensor | None = None, mask: Tensor | None = None,
+                       num_rotations: int = 4, translate: bool = False, translation_scale: float = 10.0,
+                       output_translates: bool | None = None, autocast_dtype: torch.dtype | None = None,
+                       generator: torch.Generator | None = None) -> EquivarianceError:
+    """Max relative and absolute error of ``model`` under ``num_rotations`` random rotations.
+
+    model: called as ``model(coors, feats=feats, mask=mask)``; returns coors_out (b, n, 3) or
+      (b, n, d, 3), or (coors_out, feats_out).
+    coors: (b, n, 3), any float dtype; cast to the model's parameter dtype after transforming.
+    translate: add a different random translation per sample (SE(3) check). Whether the output
+      should move with it is read from ``model.config.translation_equivariance`` unless
+      ``output_translates`` says.
+    """
+    if coors.ndim != 3 or coors.shape[-1] != 3:
+        raise ValueError(f"coors must have shape (batch, points, 3), got {tuple(coors.shape)}")
+    params = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
+    run_dtype = params.dtype if params is not None else coors.dtype
+    if output_translates is None:
+        output_translates = bool(getattr(getattr(model, "config", None), "translation_equivariance", False))
+    device = coors.device
+    b = coors.shape[0]
+    x64 = coors.detach().to(torch.float64)
+    autocast = (torch.autocast(device_type=device.type, dtype=autocast_dtype)
+                if autocast_dtype is not None else contextlib.nullcontext())
+
+    def run(x):
+        with torch.no_grad(), autocast:
+            return _split(model(x.to(run_dtype), feats=feats, mask=mask))
+
+    c0, f0 = run(x64)
+    c0, f0 = c0.to(torch.float64), None if f0 is None else f0.to(torch.float64)
+    valid = torch.ones(coors.shape[:2], dtype=torch.bool, device=device) if mask is None else mask
+
+    rots = random_rotations(num_rotations, dtype=torch.float64, device=device, generator=generator)
+    rel = abs_err = 0.0
+    for rot in rots:
+        shift = (torch.randn(b, 1, 3, dtype=torch.float64, generator=generator).to(device) * translation_scale
+                 if translate else torch.zeros(b, 1, 3, dtype=torch.float64, device=device))
+        c1, f1 = run(x64 @ rot.T + shift)
+        expect = c0 @ rot.T
+        if output_translates:
+            expect = expect + (shift if expect.ndim == 3 else shift.unsqueeze(1))
+        diffs = [(c1.to(torch.float64) - expect)[valid]]
+        refs = [expect[valid]]
+        if f0 is not None:
+            diffs.append((f1.to(torch.float64) - f0)[valid])
+            refs.append(f0[valid])
+        d = max(t.abs().max().item() for t in diffs)
+        scale = max(t.abs().max().item() for t in refs)
+        abs_err = max(abs_err, d)
+        rel = max(rel, d / max(scale, torch.finfo(torch.float64).tiny))
+    return EquivarianceError(rel=rel, abs=abs_err, num_rotations=num_rotations)

@@ -1,0 +1,204 @@
+"""Vector Neuron building blocks.
+
+Layout: every VN feature is a tensor ``(..., c, d)`` with the coordinate axis ``c`` ahead of the
+channel axis ``d`` (the original package used ``(..., d, c)``). With channels last, every VN linear
+map is one ``F.linear`` GEMM over a contiguous buffer, and its epsilon bias is that GEMM's bias.
+
+Axes: b batch, n points, m latents, h heads, c coordinate axis (3, or 3 + dim_feat with early
+fusion), d channels.
+
+A rotation acts on ``c``; every op here either mixes only ``d`` (linear maps) or reduces ``c`` with
+an inner product (norms, projections), hence is equivariant.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from vnt.attend import DEFAULT_SDPA_KERNELS, Attend
+
+
+def _fan_in_normal_(weight: Tensor, fan_in: int) -> Tensor:
+    """N(0, 1/fan_in): keeps activations O(1) through depth (the original used unscaled randn)."""
+    with torch.no_grad():
+        return weight.normal_(0.0, 1.0 / math.sqrt(fan_in))
+
+
+class VNLinear(nn.Module):
+    """(..., c, dim_in) -> (..., c, dim_out). ``bias_epsilon > 0`` adds a bias of norm epsilon to
+    every coordinate component (the paper's epsilon-approximate equivariance)."""
+
+    def __init__(self, dim_in: int, dim_out: int, *, bias_epsilon: float = 0.0):
+        super().__init__()
+        if bias_epsilon < 0:
+            raise ValueError(f"bias_epsilon must be >= 0, got {bias_epsilon}")
+        self.weight = nn.Parameter(_fan_in_normal_(torch.empty(dim_out, dim_in), dim_in))
+        self.bias_epsilon = bias_epsilon
+        self.bias = nn.Parameter(torch.randn(dim_out)) if bias_epsilon > 0 else None
+
+    def effective_bias(self) -> Tensor | None:
+        if self.bias is None:
+            return None
+        return F.normalize(self.bias, dim=-1) * self.bias_epsilon
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight, self.effective_bias())
+
+    def split(self, x: Tensor, parts: int) -> tuple[Tensor, ...]:
+        """Same as ``self(x).chunk(parts, dim=-1)``, computed as ``parts`` GEMMs."""
+        bias = self.effective_bias()
+        weights = self.weight.chunk(parts, dim=0)
+        biases = bias.chunk(parts) if bias is not None else (None,) * parts
+        return tuple(F.linear(x, w, b) for w, b in zip(weights, biases))
+
+
+class VNReLU(nn.Module):
+    """Vector Neuron (leaky) ReLU on (..., c, d).
+
+    q = W x, k = U x (one fused GEMM). Where <q, k> < 0, q is replaced by its projection onto the
+    plane orthogonal to k: q - <q, k/|k|> k/|k|. ``negative_slope`` alpha mixes in q itself:
+    out = alpha q + (1 - alpha) relu_vn(q, k)  (Deng et al. 2021, eq. 8).
+    """
+
+    def __init__(self, dim: int, *, negative_slope: float = 0.0, eps: float = 1e-6):
+        super().__init__()
+        if not 0.0 <= negative_slope < 1.0:
+            raise ValueError(f"negative_slope must be in [0, 1), got {negative_slope}")
+        self.dim = dim
+        self.negative_slope = negative_slope
+        self.eps = eps
+        self.weight = nn.Parameter(_fan_in_normal_(torch.empty(2 * dim, dim), dim))  # [W; U]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.activate(F.linear(x, self.weight))
+
+    def activate(self, qk: Tensor) -> Tensor:
+        """The nonlinearity on already-projected [q | k] (..., c, 2d) -> (..., c, d)."""
+        q, k = qk.chunk(2, dim=-1)
+        dot = (q * k).sum(dim=-2, keepdim=True)                        # (..., 1, d)
+        k_sq = (k * k).sum(dim=-2, keepdim=True).clamp(min=self.eps ** 2)
+        coef = dot.clamp(max=0.0) / k_sq * (1.0 - self.negative_slope)  # 0 where <q, k> >= 0
+        return q - coef * k
+
+
+class VNLayerNorm(nn.Module):
+    """Layer norm on the per-channel vector norms; directions are kept. (..., c, d)."""
+
+    def __init__(self, dim: int, *, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.gamma = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # smooth norm: finite gradient at the zero vector (padding, empty samples)
+        norms = (x * x).sum(dim=-2, keepdim=True).add(self.eps ** 2).sqrt()  # (..., 1, d)
+        normed = F.layer_norm(norms, norms.shape[-1:], self.gamma, None, eps=self.eps)
+        return x * (normed / norms)
+
+
+class VNFeedForward(nn.Module):
+    """VNLinear -> VNReLU -> VNLinear, hidden width ``dim * mult``.
+
+    The VN-ReLU's own maps [W; U] act right after the first VNLinear L, so forward applies the
+    composed map [W; U] L (and bias [W; U] b) in one GEMM: the same function and parameters (the
+    gradients reach L, W and U through the product), with 2*dim instead of dim + 2*dim_inner
+    multiply-adds per hidden unit.
+    """
+
+    def __init__(self, dim: int, *, mult: float = 4, bias_epsilon: float = 0.0, negative_slope: float = 0.0):
+        super().__init__()
+        dim_inner = int(dim * mult)
+        self.proj_in = VNLinear(dim, dim_inner, bias_epsilon=bias_epsilon)
+        self.act = VNReLU(dim_inner, negative_slope=negative_slope)
+        self.proj_out = VNLinear(dim_inner, dim, bias_epsilon=bias_epsilon)
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = self.act.weight @ self.proj_in.weight           # (2 dim_inner, dim)
+        bias = self.proj_in.effective_bias()
+        if bias is not None:
+            bias = self.act.weight @ bias
+        return self.proj_out(self.act.activate(F.linear(x, weight, bias)))
+
+
+class VNWeightedPool(nn.Module):
+    """Masked mean over points, then ``num_pooled_tokens`` learned VN maps.
+    (b, n, c, d) -> (b, m, c, dim_out), or (b, c, dim_out) when one token is pooled and squeezed."""
+
+    def __init__(self, dim: int, *, dim_out: int | None = None, num_pooled_tokens: int = 1,
+                 squeeze_out_pooled_dim: bool = True):
+        super().__init__()
+        dim_out = dim_out or dim
+        self.num_pooled_tokens = num_pooled_tokens
+        self.weight = nn.Parameter(_fan_in_normal_(torch.empty(num_pooled_tokens * dim_out, dim), dim))
+        self.squeeze = num_pooled_tokens == 1 and squeeze_out_pooled_dim
+
+    def forward(self, x: Tensor, *, mask: Tensor | None = None) -> Tensor:
+        if mask is None:
+            pooled = x.mean(dim=1)
+        else:
+            w = rearrange(mask, "b n -> b n 1 1").to(x.dtype)
+            pooled = (x * w).sum(dim=1) / w.sum(dim=1).clamp(min=1.0)
+        out = rearrange(F.linear(pooled, self.weight), "b c (m e) -> b m c e", m=self.num_pooled_tokens)
+        return out[:, 0] if self.squeeze else out
+
+
+class VNAttention(nn.Module):
+    """Rotation-equivariant multi-head attention on (b, n, c, d).
+
+    q, k, v come from one fused projection; each head attends over the flattened (c, d_head)
+    features, whose inner products are rotation invariant. ``num_latents`` turns it into
+    perceiver-style cross attention from pooled latents (b, m, c, d) to the sequence.
+    """
+
+    def __init__(self, dim: int, *, dim_head: int = 64, heads: int = 8, bias_epsilon: float = 0.0,
+                 attn_backend: str = "math", sdpa_kernels: tuple[str, ...] = DEFAULT_SDPA_KERNELS,
+                 num_latents: int | None = None):
+        super().__init__()
+        self.heads = heads
+        dim_inner = dim_head * heads
+        self.attend = Attend(backend=attn_backend, sdpa_kernels=sdpa_kernels)
+        self.to_latents = (VNWeightedPool(dim, num_pooled_tokens=num_latents, squeeze_out_pooled_dim=False)
+                           if num_latents is not None else None)
+        # L2-distance attention ties queries to keys (self attention only)
+        self.tied_qk = attn_backend in ("l2", "l2_math") and num_latents is None
+        if num_latents is None:
+            n_proj = 2 if self.tied_qk else 3
+            self.to_qkv = VNLinear(dim, n_proj * dim_inner, bias_epsilon=bias_epsilon)
+        else:
+            self.to_q = VNLinear(dim, dim_inner, bias_epsilon=bias_epsilon)
+            self.to_kv = VNLinear(dim, 2 * dim_inner, bias_epsilon=bias_epsilon)
+        self.to_out = VNLinear(dim_inner, dim, bias_epsilon=bias_epsilon)
+
+    def forward(self, x: Tensor, *, mask: Tensor | None = None) -> Tensor:
+        # q, k, v share one parameter tensor; each is its own GEMM on a weight slice so that the
+        # backward pass accumulates into grad x instead of concatenating three large gradients
+        split = "b n c (h d) -> b h n (c d)"
+        if self.to_latents is None:
+            qkv = self.to_qkv.split(x, 2 if self.tied_qk else 3)
+            q, k, v = (qkv[0], qkv[0], qkv[1]) if self.tied_qk else qkv
+        else:
+            q = self.to_q(self.to_latents(x, mask=mask))
+            k, v = self.to_kv.split(x, 2)
+        q, k, v = (rearrange(t, split, h=self.heads) for t in (q, k, v))
+        c = x.shape[-2]
+        out = self.attend(q, k, v, mask=mask)
+        return self.to_out(rearrange(out, "b h n (c d) -> b n c (h d)", c=c))
+
+
+class VNInvariant(nn.Module):
+    """Rotation-invariant features per point and channel: (b, n, c, d) -> (b, n, d, dim_coor).
+
+    A learned equivariant frame F (c x dim_coor) per point; x^T F is invariant because both rotate
+    together. (The original summed the channels away and returned dim_coor numbers per point.)
+    """
+
+    def __init__(self, dim: int, *, dim_coor: int = 3):
+        super().__init__()
+        self.frame = nn.Sequential(VNLinear(dim, dim_coor), VNReLU(dim_coor))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.einsum("b n c d, b n c o -> b n d o", x, self.frame(x))

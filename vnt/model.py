@@ -1,0 +1,201 @@
+"""VN-Transformer (Assaad et al. 2022) with the public API of the ``VN-transformer`` package.
+
+Axes: b batch, n points, c coordinate axis (dim_coor, plus dim_feat with early fusion), d channels.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from vnt.attend import DEFAULT_SDPA_KERNELS, resolve_backend
+from vnt.layers import VNAttention, VNFeedForward, VNLayerNorm, VNLinear
+
+
+@dataclass(frozen=True)
+class VNTransformerConfig:
+    """Every hyper-parameter of a VNTransformer; checkpoints and reports record this."""
+
+    dim: int
+    depth: int
+    num_tokens: int | None = None
+    dim_feat: int | None = None
+    dim_head: int = 64
+    heads: int = 8
+    dim_coor: int = 3
+    reduce_dim_out: bool = True
+    bias_epsilon: float = 0.0
+    l2_dist_attn: bool = False
+    flash_attn: bool = False
+    translation_equivariance: bool = False
+    translation_invariant: bool = False
+    attn_backend: str | None = None       # "math" | "sdpa" | "l2" | "l2_math"; None: from the flags
+    sdpa_kernels: tuple[str, ...] = DEFAULT_SDPA_KERNELS
+    ff_mult: float = 4
+    relu_negative_slope: float = 0.0
+    final_norm: bool = False
+
+    def __post_init__(self):
+        for name in ("dim", "depth", "dim_head", "heads", "dim_coor"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.translation_equivariance and self.translation_invariant:
+            raise ValueError("translation_equivariance and translation_invariant are mutually exclusive")
+        if self.num_tokens is not None and self.dim_feat is None:
+            object.__setattr__(self, "dim_feat", self.dim)  # token embeddings are dim_feat wide
+        object.__setattr__(self, "sdpa_kernels", tuple(self.sdpa_kernels))
+        object.__setattr__(self, "attn_backend", resolve_backend(
+            attn_backend=self.attn_backend, flash_attn=self.flash_attn, l2_dist_attn=self.l2_dist_attn))
+
+    @property
+    def dim_coor_total(self) -> int:
+        return self.dim_coor + (self.dim_feat or 0)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "VNTransformerConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown VNTransformerConfig keys: {sorted(unknown)}")
+        return cls(**d)
+
+
+class VNTransformerEncoder(nn.Module):
+    """depth x [x + LN(attn(x)), x + LN(ff(x))] on (b, n, c, d), post-norm as in the original."""
+
+    def __init__(self, dim: int, *, depth: int, dim_head: int = 64, heads: int = 8, ff_mult: float = 4,
+                 final_norm: bool = False, bias_epsilon: float = 0.0, attn_backend: str = "math",
+                 sdpa_kernels: tuple[str, ...] = DEFAULT_SDPA_KERNELS, relu_negative_slope: float = 0.0):
+        super().__init__()
+        self.dim = dim
+        self.layers = nn.ModuleList([
+            nn.ModuleList([
+                VNAttention(dim, dim_head=dim_head, heads=heads, bias_epsilon=bias_epsilon,
+                            attn_backend=attn_backend, sdpa_kernels=sdpa_kernels),
+                VNLayerNorm(dim),
+                VNFeedForward(dim, mult=ff_mult, bias_epsilon=bias_epsilon, negative_slope=relu_negative_slope),
+                VNLayerNorm(dim),
+            ])
+            for _ in range(depth)
+        ])
+        self.norm = VNLayerNorm(dim) if final_norm else nn.Identity()
+
+    def forward(self, x: Tensor, *, mask: Tensor | None = None) -> Tensor:
+        if x.ndim != 4 or x.shape[-1] != self.dim:
+            raise ValueError(f"expected x of shape (batch, points, coordinate axis, {self.dim}), got {tuple(x.shape)}")
+        for attn, attn_norm, ff, ff_norm in self.layers:
+            x = attn_norm(attn(x, mask=mask)) + x
+            x = ff_norm(ff(x)) + x
+        return self.norm(x)
+
+    def attention_kernels(self) -> list[str | None]:
+        """The kernel each attention layer ran in its latest forward."""
+        return [layer[0].attend.last_kernel for layer in self.layers]
+
+
+class VNTransformer(nn.Module):
+    """Drop-in replacement for ``VN_transformer.VNTransformer``.
+
+    forward(coors (b, n, dim_coor), *, feats=None, mask=None) -> coors_out, or (coors_out, feats_out)
+    when feats are given. ``feats`` are floats (b, n, dim_feat), fused early as extra coordinate
+    components, or token ids (b, n) with ``num_tokens``.
+    """
+
+    def __init__(self, *, dim: int, depth: int, **kwargs):
+        super().__init__()
+        cfg = VNTransformerConfig(dim=dim, depth=depth, **kwargs)
+        self.config = cfg
+        self.token_emb = nn.Embedding(cfg.num_tokens, cfg.dim_feat) if cfg.num_tokens is not None else None
+        self.proj_in = VNLinear(1, dim, bias_epsilon=cfg.bias_epsilon)
+        self.encoder = VNTransformerEncoder(
+            dim, depth=depth, dim_head=cfg.dim_head, heads=cfg.heads, ff_mult=cfg.ff_mult,
+            final_norm=cfg.final_norm, bias_epsilon=cfg.bias_epsilon, attn_backend=cfg.attn_backend,
+            sdpa_kernels=cfg.sdpa_kernels, relu_negative_slope=cfg.relu_negative_slope)
+        if cfg.reduce_dim_out:
+            self.out_norm = VNLayerNorm(dim)
+            self.proj_out = VNLinear(dim, 1, bias_epsilon=cfg.bias_epsilon)
+
+    @classmethod
+    def from_config(cls, cfg: VNTransformerConfig) -> "VNTransformer":
+        d = cfg.to_dict()
+        return cls(dim=d.pop("dim"), depth=d.pop("depth"), **d)
+
+    def _check_inputs(self, coors: Tensor, feats: Tensor | None, mask: Tensor | None) -> None:
+        cfg = self.config
+        if coors.ndim != 3 or coors.shape[-1] != cfg.dim_coor:
+            raise ValueError(f"coors must have shape (batch, points, {cfg.dim_coor}), got {tuple(coors.shape)}")
+        if not coors.is_floating_point():
+            raise ValueError(f"coors must be a floating point tensor, got dtype {coors.dtype}")
+        b, n = coors.shape[:2]
+        if feats is not None:
+            if feats.is_floating_point():
+                if cfg.dim_feat is None:
+                    raise ValueError("feats were given but the model was built without dim_feat")
+                if feats.shape != (b, n, cfg.dim_feat):
+                    raise ValueError(f"float feats must have shape (batch, points, dim_feat) = "
+                                     f"{(b, n, cfg.dim_feat)}, got {tuple(feats.shape)}")
+            elif feats.dtype in (torch.long, torch.int32, torch.int16, torch.int8, torch.uint8):
+                if self.token_emb is None:
+                    raise ValueError("integer feats are token ids: build the model with num_tokens=... "
+                                     "(and dim_feat for the embedding width)")
+                if feats.shape != (b, n):
+                    raise ValueError(f"token ids must have shape (batch, points) = {(b, n)}, got {tuple(feats.shape)}")
+            else:
+                raise ValueError(f"feats must be float features or integer token ids, got dtype {feats.dtype}")
+        if cfg.dim_feat is not None and feats is None:
+            raise ValueError(f"the model was built with dim_feat={cfg.dim_feat}: pass feats of shape "
+                             f"(batch, points, {cfg.dim_feat}) or token ids (batch, points)")
+        if mask is not None:
+            if mask.dtype != torch.bool:
+                raise ValueError(f"mask must be a bool tensor (True = valid point), got dtype {mask.dtype}")
+            if mask.shape != (b, n):
+                raise ValueError(f"mask must have shape (batch, points) = {(b, n)}, got {tuple(mask.shape)}")
+
+    def forward(self, coors: Tensor, *, feats: Tensor | None = None, mask: Tensor | None = None,
+                return_concatted_coors_and_feats: bool = False):
+        self._check_inputs(coors, feats, mask)
+        cfg = self.config
+        valid = None if mask is None else rearrange(mask, "b n -> b n 1")
+        if valid is not None:
+            coors = coors.masked_fill(~valid, 0.0)  # garbage (even NaN) in padding never reaches the model
+
+        center = None
+        if cfg.translation_equivariance or cfg.translation_invariant:
+            if valid is None:
+                center = coors.mean(dim=1, keepdim=True)
+            else:  # mean of each sample's own valid points
+                center = coors.sum(dim=1, keepdim=True) / valid.sum(dim=1, keepdim=True).clamp(min=1)
+            coors = coors - center
+            if valid is not None:
+                coors = coors.masked_fill(~valid, 0.0)
+
+        x = coors
+        if feats is not None:
+            if not feats.is_floating_point():
+                feats = self.token_emb(feats.long())
+            feats = feats.to(coors.dtype)
+            if valid is not None:
+                feats = feats.masked_fill(~valid, 0.0)
+            x = torch.cat((x, feats), dim=-1)
+
+        x = self.proj_in(rearrange(x, "b n c -> b n c 1"))
+        x = self.encoder(x, mask=mask)
+
+        if cfg.reduce_dim_out:
+            x = rearrange(self.proj_out(self.out_norm(x)), "b n c 1 -> b n c")
+        else:
+            x = rearrange(x, "b n c d -> b n d c")  # the original's (b, n, dim, c) output layout
+
+        coors_out, feats_out = x[..., :cfg.dim_coor], x[..., cfg.dim_coor:]
+        if cfg.translation_equivariance:
+            coors_out = coors_out + (center if cfg.reduce_dim_out else rearrange(center, "b 1 c -> b 1 1 c"))
+        if feats is None:
+            return coors_out
+        if return_concatted_coors_and_feats:
+            return torch.cat((coors_out, feats_out), dim=-1)
+        return coors_out, feats_out
