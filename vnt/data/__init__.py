@@ -1,0 +1,14 @@
+"""Protein backbone data: SidechainNet, an embedded offline default, synthetic backbones."""
+from vnt.data.batching import (ProteinBatches, ShardedBatchSampler, collate, crop_window, padding_fraction,
+                               validation_batches)
+from vnt.data.core import (ALPHABET, BACKBONE_ATOMS, NUM_ATOMS, NUM_RESIDUE_TOKENS, DataConfig, ProteinExample,
+                           ProteinSet, SkipCounter)
+from vnt.data.sources import (DownloadUnavailable, export_sidechainnet, from_scn_dict, load_proteins,
+                              synthetic_backbone)
+
+__all__ = [
+    "ALPHABET", "BACKBONE_ATOMS", "NUM_ATOMS", "NUM_RESIDUE_TOKENS", "DataConfig", "DownloadUnavailable",
+    "ProteinBatches", "ProteinExample", "ProteinSet", "ShardedBatchSampler", "SkipCounter", "collate",
+    "crop_window", "export_sidechainnet", "from_scn_dict", "load_proteins", "padding_fraction",
+    "synthetic_backbone", "validation_batches",
+]

@@ -1,0 +1,119 @@
+"""Protein examples and the one config for data options.
+
+An example is one protein chain: residue tokens (20 amino acids + unknown), backbone atom
+coordinates in Angstrom (N, CA, C, O) and a per-atom mask. Residues missing backbone atoms are
+masked, never dropped.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+AMINO_ACIDS = "ACDEFGHIKLMNPQRSTVWY"
+UNKNOWN = "X"
+ALPHABET = AMINO_ACIDS + UNKNOWN              # token id = index here
+NUM_RESIDUE_TOKENS = len(ALPHABET)            # 21
+BACKBONE_ATOMS = ("N", "CA", "C", "O")
+NUM_ATOMS = len(BACKBONE_ATOMS)
+
+THREE_TO_ONE = {
+    "ALA": "A", "CYS": "C", "ASP": "D", "GLU": "E", "PHE": "F", "GLY": "G", "HIS": "H", "ILE": "I",
+    "LYS": "K", "LEU": "L", "MET": "M", "ASN": "N", "PRO": "P", "GLN": "Q", "ARG": "R", "SER": "S",
+    "THR": "T", "VAL": "V", "TRP": "W", "TYR": "Y",
+    # common protonation / modification variants mapped to their parent residue
+    "MSE": "M", "HSD": "H", "HSE": "H", "HSP": "H", "HID": "H", "HIE": "H", "HIP": "H", "CYX": "C",
+}
+
+
+def tokenize(sequence: str) -> np.ndarray:
+    lookup = {a: i for i, a in enumerate(ALPHABET)}
+    return np.array([lookup.get(a, lookup[UNKNOWN]) for a in sequence], dtype=np.int64)
+
+
+@dataclass
+class ProteinExample:
+    name: str                  # e.g. "pdb1ubi.pdb:A"
+    sequence: str              # one letter per residue, X for unknown
+    coords: np.ndarray         # (L, 4, 3) float32, Angstrom; zeros where missing
+    atom_mask: np.ndarray      # (L, 4) bool
+    source: str = "embedded"   # "embedded" | "sidechainnet" | "synthetic"
+    split: str = "train"
+
+    @property
+    def tokens(self) -> np.ndarray:
+        return tokenize(self.sequence)
+
+    def __len__(self) -> int:
+        return len(self.sequence)
+
+    @property
+    def residue_mask(self) -> np.ndarray:
+        """Residues with N, CA and C all present."""
+        return self.atom_mask[:, :3].all(axis=1)
+
+
+class SkipCounter(Counter):
+    """reason -> count of chains that were not turned into examples. Nothing disappears silently."""
+
+    def skip(self, reason: str) -> None:
+        self[reason] += 1
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "embedded"              # "embedded" | "sidechainnet" | "scn-pickle" | "synthetic"
+    path: str | None = None               # SidechainNet pickle for "scn-pickle"
+    casp_version: int = 12                # SidechainNet release for "sidechainnet"
+    thinning: int = 30
+    cache_dir: str | None = None          # default: $VNT_CACHE_DIR or ~/.cache/vnt
+    min_length: int = 16                  # chains with fewer valid residues are skipped
+    val_fraction: float = 0.1             # of unique sequences (split by sequence, never leaks)
+    max_length: int = 64                  # residues per example after cropping
+    batch_size: int = 4
+    bucket: bool = True                   # length-bucketed batching
+    synthetic_count: int = 64
+    synthetic_length: int = 64
+    seed: int = 0
+
+    def __post_init__(self):
+        sources = ("embedded", "sidechainnet", "scn-pickle", "synthetic")
+        if self.source not in sources:
+            raise ValueError(f"data source must be one of {sources}, got {self.source!r}")
+        if self.source == "scn-pickle" and not self.path:
+            raise ValueError("source 'scn-pickle' needs path=FILE.pkl")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        for name in ("min_length", "max_length", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class ProteinSet:
+    examples: list[ProteinExample]
+    skipped: SkipCounter = field(default_factory=SkipCounter)
+    source: str = "embedded"
+
+    def split(self, name: str) -> list[ProteinExample]:
+        return [e for e in self.examples if e.split == name]
+
+    def summary(self) -> dict:
+        lengths = np.array([len(e) for e in self.examples]) if self.examples else np.zeros(1, dtype=int)
+        splits = Counter(e.split for e in self.examples)
+        return {
+            "source": self.source,
+            "synthetic": self.source == "synthetic",
+            "examples": len(self.examples),
+            "unique_sequences": len({e.sequence for e in self.examples}),
+            "residues": int(lengths.sum()),
+            "valid_residues": int(sum(e.residue_mask.sum() for e in self.examples)),
+            "missing_backbone_atoms": int(sum((~e.atom_mask).sum() for e in self.examples)),
+            "length": {"min": int(lengths.min()), "median": float(np.median(lengths)), "max": int(lengths.max())},
+            "splits": dict(sorted(splits.items())),
+            "skipped": dict(sorted(self.skipped.items())),
+        }
