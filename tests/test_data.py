@@ -13,21 +13,6 @@ from vnt.data import sources
 from vnt.data.core import ProteinExample, ProteinSet
 
 
-@pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("vnt-cache")
-
-
-@pytest.fixture(scope="session")
-def embedded(cache_dir):
-    """Built from scratch once per session (a fresh cache dir): this is the offline default."""
-    import time
-    t = time.perf_counter()
-    data = load_proteins(DataConfig(cache_dir=str(cache_dir)), progress=False)
-    data.build_seconds = time.perf_counter() - t
-    return data
-
-
 def test_embedded_set_builds_offline_with_enough_distinct_real_chains(embedded):
     s = embedded.summary()
     assert s["examples"] >= 50 and s["unique_sequences"] >= 50, s

@@ -1,0 +1,1 @@
+"""pytest-benchmark harness: `pytest --benchmark-only` from the repository root."""

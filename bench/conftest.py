@@ -1,0 +1,72 @@
+"""Benchmark session: `pytest --benchmark-only [--bench-profile quick|full]` from the repo root.
+
+Rows are collected while the session runs and written by bench.report at its end.
+Without --benchmark-only these benchmarks are skipped (tests/test_bench.py covers the harness).
+"""
+import time
+
+import pytest
+import torch
+
+from bench import report
+from bench.cases import cuda_cases, full_cases, quick_cases
+
+ROWS: list[dict] = []
+PROFILES = {"quick": dict(rounds=3, warmup=1), "full": dict(rounds=10, warmup=3)}
+_STARTED = time.time()
+
+
+def pytest_addoption(parser):
+    parser.addoption("--bench-profile", default="quick", choices=tuple(PROFILES),
+                     help="quick (~10 min on 2 CPU cores) or full (long sequences, more rounds)")
+    parser.addoption("--bench-out", default=None, help="report folder (default results/bench, or results/bench-cuda)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("benchmark_only"):
+        return
+    skip = pytest.mark.skip(reason="benchmarks run with `pytest --benchmark-only`")
+    for item in items:
+        if "bench" in item.nodeid.split("/")[0]:
+            item.add_marker(skip)
+
+
+def device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def pytest_generate_tests(metafunc):
+    if "case" in metafunc.fixturenames:
+        profile = metafunc.config.getoption("bench_profile")
+        cases = (cuda_cases() if device() == "cuda" else []) + (full_cases() if profile == "full" else quick_cases())
+        metafunc.parametrize("case", cases, ids=[c.id for c in cases])
+
+
+@pytest.fixture(scope="session")
+def profile(request):
+    name = request.config.getoption("bench_profile")
+    return {"name": name, **PROFILES[name]}
+
+
+@pytest.fixture(scope="session")
+def gemm_peaks():
+    from bench.measure import gemm_peak_flops
+    return {d: gemm_peak_flops(d, device()) for d in ("float32", "bfloat16")}
+
+
+@pytest.fixture
+def rows():
+    return ROWS
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if not ROWS:
+        return
+    from pathlib import Path
+    out = session.config.getoption("bench_out")
+    out_dir = Path(out) if out else report.RESULTS if device() == "cpu" else report.RESULTS.parent / "bench-cuda"
+    name = session.config.getoption("bench_profile")
+    report.write(ROWS, out_dir=out_dir, protocol={
+        "profile": name, **{k: v for k, v in PROFILES[name].items()},
+        "command": f"pytest --benchmark-only --bench-profile {name}",
+        "wall_s": round(time.time() - _STARTED, 1)})

@@ -1,0 +1,232 @@
+"""Measure one case: time, FLOPs, utilisation, peak memory, equivariance error.
+
+Protocol: every case is checked against the reference path first (correct before fast), then
+``warmup`` untimed steps, then ``rounds`` timed steps; medians and inter-quartile ranges are
+reported. Peak memory: on CUDA the caching allocator's peak during one forward+backward; on CPU
+the step runs in a fresh subprocess where glibc returns every freed buffer at once
+(MALLOC_MMAP_THRESHOLD_=0), and a thread samples the resident set every 0.2 ms: the peak growth
+over the post-setup RSS is the step's peak memory.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from bench.cases import Case
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+def build(case: Case, device: str = "cpu"):
+    """Model and inputs for a case (seeded)."""
+    torch.manual_seed(0)
+    kw = dict(dim=case.dim, depth=case.depth, heads=case.heads, dim_head=case.dim_head,
+              dim_feat=case.dim_feat if case.fusion else None, bias_epsilon=case.bias_epsilon)
+    if case.impl == "original":
+        from VN_transformer import VNTransformer as Original
+        model = Original(**kw, flash_attn=case.backend == "sdpa", l2_dist_attn=case.backend == "l2")
+    else:
+        from vnt import VNTransformer
+        model = VNTransformer(**kw, attn_backend=case.backend)
+    model = model.to(device)
+    coors = torch.randn(case.batch, case.n, 3, device=device)
+    feats = torch.randn(case.batch, case.n, case.dim_feat, device=device) if case.fusion else None
+    return model, coors, feats
+
+
+def autocast_for(case: Case, device: str):
+    if case.dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device, dtype=DTYPES[case.dtype])
+
+
+def step_fns(model, coors, feats, case: Case, device: str):
+    def forward():
+        with torch.no_grad(), autocast_for(case, device):
+            return model(coors, feats=feats)
+
+    def forward_backward():
+        with autocast_for(case, device):
+            out = model(coors, feats=feats)
+        loss = sum(o.float().pow(2).mean() for o in (out if isinstance(out, tuple) else (out,)))
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    return forward, forward_backward
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_fn(fn, *, rounds: int, warmup: int, device: str) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def quartiles(xs: list[float]) -> tuple[float, float]:
+    if len(xs) < 2:
+        return xs[0], xs[0]
+    q = statistics.quantiles(xs, n=4)
+    return q[0], q[2]
+
+
+def count_flops(fn) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def gemm_peak_flops(dtype: str, device: str = "cpu", size: int = 2048, rounds: int = 5) -> float:
+    """Dense GEMM FLOP/s in this dtype on this device: the roofline cases are held against."""
+    a = torch.randn(size, size, device=device, dtype=DTYPES[dtype])
+    b = torch.randn(size, size, device=device, dtype=DTYPES[dtype])
+    times = time_fn(lambda: a @ b, rounds=rounds, warmup=2, device=device)
+    return 2 * size ** 3 / min(times)
+
+
+def reference_check(case: Case, device: str) -> float:
+    """Max abs difference of this backend against the math path (same weights, float32)."""
+    if case.impl != "vnt" or case.backend == "math":
+        return 0.0
+    from vnt import VNTransformer
+    model, coors, feats = build(case, device)
+    ref_backend = "l2_math" if case.backend == "l2" else "math"
+    ref = VNTransformer(**{**model.config.to_dict(), "attn_backend": ref_backend}).to(device)
+    ref.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        a, b = model(coors, feats=feats), ref(coors, feats=feats)
+    a, b = (a[0], b[0]) if isinstance(a, tuple) else (a, b)
+    return (a - b).abs().max().item()
+
+
+def equivariance(case: Case, device: str, num_rotations: int = 3) -> float:
+    from vnt import equivariance_error
+    model, coors, feats = build(case, device)
+
+    class Wrap(torch.nn.Module):  # the original package takes the same call
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, c, feats=None, mask=None):
+            return self.m(c, feats=feats, mask=mask)
+
+    target = model if case.impl == "vnt" else Wrap(model)
+    err = equivariance_error(target, coors, feats=feats, num_rotations=num_rotations,
+                             autocast_dtype=None if case.dtype == "float32" else DTYPES[case.dtype],
+                             generator=torch.Generator().manual_seed(0))
+    return err.rel
+
+
+def peak_memory_mib(case: Case, device: str) -> tuple[float, str]:
+    if device == "cuda":
+        model, coors, feats = build(case, device)
+        _, fb = step_fns(model, coors, feats, case, device)
+        fb()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fb()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2 ** 20, "cuda_allocator_peak"
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "MALLOC_MMAP_THRESHOLD_": "0"}
+    out = subprocess.run([sys.executable, "-m", "bench.measure", json.dumps(case.to_dict())], capture_output=True,
+                         text=True, env=env, check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    return float(out.stdout.strip().splitlines()[-1]), "cpu_subprocess_sampled_rss"
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _subprocess_peak(case_json: str) -> None:
+    """Runs in a fresh process with MALLOC_MMAP_THRESHOLD_=0, so every freed buffer leaves the
+    resident set at once and RSS tracks live memory; a thread samples RSS every 0.2 ms."""
+    import threading
+
+    d = json.loads(case_json)
+    d.pop("case_id")
+    case = Case(**d)
+    model, coors, feats = build(case, "cpu")
+    _, fb = step_fns(model, coors, feats, case, "cpu")
+    base = _rss_bytes()
+    peak = [base]
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_bytes())
+            time.sleep(0.0002)
+
+    t = threading.Thread(target=sample)
+    t.start()
+    fb()
+    done.set()
+    t.join()
+    peak[0] = max(peak[0], _rss_bytes())
+    print((peak[0] - base) / 2 ** 20)
+
+
+def measure(case: Case, *, device: str, rounds: int, warmup: int, peaks: dict[str, float],
+            benchmark=None) -> dict:
+    """One row. Out-of-memory becomes a row with status 'oom'; every other exception propagates."""
+    row = {**case.to_dict(), "device": device, "rounds": rounds, "warmup": warmup, "status": "ok"}
+    if case.impl == "original":
+        try:
+            import VN_transformer  # noqa: F401
+        except ImportError:
+            return {**row, "status": "skipped: VN-transformer not installed"}
+    try:
+        row["max_abs_diff_vs_math"] = reference_check(case, device)
+        model, coors, feats = build(case, device)
+        fwd, fb = step_fns(model, coors, feats, case, device)
+        t_fwd = time_fn(fwd, rounds=rounds, warmup=warmup, device=device)
+        if benchmark is not None:
+            benchmark.pedantic(fb, rounds=rounds, warmup_rounds=warmup, iterations=1)
+            t_fb = list(benchmark.stats.stats.data)
+        else:
+            t_fb = time_fn(fb, rounds=rounds, warmup=warmup, device=device)
+        flops = count_flops(fb)
+        mem, mem_method = peak_memory_mib(case, device)
+        row["equiv_rel_err"] = equivariance(case, device)
+    except torch.OutOfMemoryError:
+        return {**row, "status": "oom"}
+    fb_med = statistics.median(t_fb)
+    tokens = case.batch * case.n
+    row.update({
+        "fwd_ms": statistics.median(t_fwd) * 1e3,
+        "fwd_ms_q1": quartiles(t_fwd)[0] * 1e3, "fwd_ms_q3": quartiles(t_fwd)[1] * 1e3,
+        "fwd_bwd_ms": fb_med * 1e3,
+        "fwd_bwd_ms_q1": quartiles(t_fb)[0] * 1e3, "fwd_bwd_ms_q3": quartiles(t_fb)[1] * 1e3,
+        "tokens_per_s": tokens / fb_med,
+        "fwd_bwd_gflop": flops / 1e9,
+        "achieved_gflop_per_s": flops / fb_med / 1e9,
+        "gemm_peak_gflop_per_s": peaks[case.dtype] / 1e9,
+        "peak_fraction": flops / fb_med / peaks[case.dtype],
+        "peak_mem_mib": mem, "mem_method": mem_method,
+    })
+    return row
+
+
+if __name__ == "__main__":
+    _subprocess_peak(sys.argv[1])

@@ -1,0 +1,178 @@
+"""Rows -> one tidy DataFrame -> results/bench/{latest.csv, <date>.csv, latest.md, *.png}.
+
+``python -m bench.report [results/bench]`` regenerates the Markdown and plots from latest.csv.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).parents[1] / "results" / "bench"
+
+COLUMNS = [  # the tidy schema; results/README.md explains each
+    "kind", "case_id", "impl", "backend", "bias_epsilon", "dtype", "n", "batch", "fusion", "dim", "depth", "heads",
+    "dim_head", "dim_feat", "device", "status", "rounds", "warmup", "fwd_ms", "fwd_ms_q1", "fwd_ms_q3",
+    "fwd_bwd_ms", "fwd_bwd_ms_q1", "fwd_bwd_ms_q3", "tokens_per_s", "fwd_bwd_gflop", "achieved_gflop_per_s",
+    "gemm_peak_gflop_per_s", "peak_fraction", "peak_mem_mib", "mem_method", "equiv_rel_err",
+    "max_abs_diff_vs_math", "world_size", "steps_per_s", "scaling_efficiency",
+]
+
+
+def environment() -> dict:
+    import torch
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        ds = version("deepspeed")  # read without importing it
+    except PackageNotFoundError:
+        ds = "not installed"
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parents[1]).stdout.strip() or "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=Path(__file__).parents[1]).stdout.strip()
+    except OSError:
+        sha, dirty = "unknown", ""
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else (platform.processor() or platform.machine())
+    cpu_model = ""
+    if Path("/proc/cpuinfo").exists():
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    return {"device": device, "cpu": cpu_model, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "deepspeed": ds, "python": platform.python_version(),
+            "git_commit": sha + ("+dirty" if dirty else ""), "date": datetime.datetime.now().isoformat(timespec="seconds")}
+
+
+def to_frame(rows: list[dict]):
+    import pandas as pd
+    df = pd.DataFrame(rows)
+    for col in COLUMNS:
+        if col not in df:
+            df[col] = pd.NA
+    return df[COLUMNS + [c for c in df.columns if c not in COLUMNS]]
+
+
+def write(rows: list[dict], *, protocol: dict, out_dir: Path = RESULTS) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    df = to_frame(rows)
+    env = environment()
+    meta = {**env, **protocol}
+    df.to_csv(out_dir / "latest.csv", index=False)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    df.to_csv(out_dir / f"{stamp}.csv", index=False)
+    (out_dir / "latest.meta.json").write_text(json.dumps(meta, indent=2))
+    render(out_dir)
+    return out_dir
+
+
+def _table(df) -> str:
+    return df.to_markdown() if len(df) else "(no rows)"
+
+
+def render(out_dir: Path = RESULTS) -> None:
+    import pandas as pd
+    df = pd.read_csv(out_dir / "latest.csv")
+    meta = json.loads((out_dir / "latest.meta.json").read_text())
+    ok = df[(df["kind"] == "case") & (df["status"] == "ok")]
+    main, sweep = split_views(ok)
+    lines = [f"# Benchmark report ({meta.get('profile', '?')} profile)", "",
+             "## Protocol", "",
+             *[f"- {k}: {v}" for k, v in meta.items()], "",
+             "Times are medians over `rounds` timed steps after `warmup` untimed ones (quartiles in the CSV). "
+             "FLOPs are counted by `torch.utils.flop_counter.FlopCounterMode` on one forward+backward; "
+             "`peak_fraction` divides achieved FLOP/s by a dense GEMM measured in the same run and dtype. "
+             "Equivariance error: `vnt.equivariance_error`, max relative error over 3 Haar-random rotations.", ""]
+    if len(main):
+        speed = main[main["bias_epsilon"] == 0].pivot_table(index=["impl", "backend"], columns="dtype",
+                                                            values="fwd_bwd_ms", aggfunc="first")
+        first = main.iloc[0]
+        lines += [f"## Forward+backward time, main configuration (ms; dim {first['dim']}, depth {first['depth']}, "
+                  f"{first['heads']}x{first['dim_head']} heads, dim_feat {first['dim_feat']}, n {first['n']}, "
+                  f"batch {first['batch']}, eps 0)", "", _table(speed.round(1)), ""]
+        util = main[main["bias_epsilon"] == 0].pivot_table(index=["impl", "backend"], columns="dtype",
+                                                           values="peak_fraction", aggfunc="first")
+        lines += ["## Fraction of measured GEMM peak", "", _table(util.round(3)), ""]
+    if len(sweep):
+        lines += ["## Tokens/s by backend and length (float32, eps 0)", "",
+                  _table(sweep.pivot_table(index="n", columns="backend", values="tokens_per_s").round(0)), "",
+                  "## Peak memory of one step by backend and length (MiB)", "",
+                  _table(sweep.pivot_table(index="n", columns="backend", values="peak_mem_mib").round(1)), ""]
+    eq = main[main["impl"] == "vnt"]
+    if len(eq):
+        lines += ["## Equivariance error by bias epsilon and dtype (relative, max over backends)", "",
+                  _table(eq.pivot_table(index="bias_epsilon", columns="dtype", values="equiv_rel_err", aggfunc="max")
+                         .map(lambda v: f"{v:.2e}")), ""]
+    scaling = df[df["kind"] == "scaling"]
+    if len(scaling):
+        lines += ["## Data-parallel scaling (DeepSpeed, weak scaling, same per-process batch)", "",
+                  _table(scaling[["world_size", "steps_per_s", "scaling_efficiency", "status"]].set_index("world_size")), ""]
+    skipped = df[df["status"] != "ok"]
+    if len(skipped):
+        lines += ["## Rows not measured", "", _table(skipped[["case_id", "status"]].set_index("case_id")), ""]
+    (out_dir / "latest.md").write_text("\n".join(lines))
+    plot(ok, out_dir)
+
+
+def split_views(ok):
+    """(main, sweep): the rows at the sweep's first (main) configuration, and the float32 eps-0
+    length sweep (the rows at another model size, or all float32 eps-0 rows if there is none)."""
+    if not len(ok):
+        return ok, ok
+    first = ok.iloc[0]
+    same = (ok["dim"] == first["dim"]) & (ok["n"] == first["n"]) & (ok["batch"] == first["batch"]) & \
+        (ok["fusion"] == first["fusion"])
+    base = ok[(ok["dtype"] == "float32") & (ok["impl"] == "vnt") & (ok["bias_epsilon"] == 0)]
+    other = base[base["dim"] != first["dim"]]
+    return ok[same], (other if len(other) else base)
+
+
+def plot(ok, out_dir: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    main, sweep = split_views(ok)
+    for value, fname, label in (("tokens_per_s", "throughput_vs_length.png", "tokens/s (fwd+bwd)"),
+                                ("peak_mem_mib", "memory_vs_length.png", "peak memory of one step (MiB)")):
+        if not len(sweep):
+            continue
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for backend, g in sweep.groupby("backend"):
+            g = g.sort_values("n")
+            ax.plot(g["n"], g[value], marker="o", label=backend)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("points n")
+        ax.set_ylabel(label)
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out_dir / fname, dpi=120)
+        plt.close(fig)
+    eq = main[main["impl"] == "vnt"]
+    if len(eq):
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for (dtype, backend), g in eq.groupby(["dtype", "backend"]):
+            g = g.sort_values("bias_epsilon")
+            x = g["bias_epsilon"].where(g["bias_epsilon"] > 0, 1e-8)
+            ax.plot(x, g["equiv_rel_err"], marker="o", label=f"{dtype} {backend}")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("bias epsilon (0 plotted at 1e-8)")
+        ax.set_ylabel("relative equivariance error")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out_dir / "equivariance_vs_epsilon.png", dpi=120)
+        plt.close(fig)
+
+
+if __name__ == "__main__":
+    render(Path(sys.argv[1]) if len(sys.argv) > 1 else RESULTS)
+    print(f"rendered {Path(sys.argv[1]) if len(sys.argv) > 1 else RESULTS}/latest.md")

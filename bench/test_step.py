@@ -1,0 +1,20 @@
+"""Time, FLOP/s, peak memory and equivariance error of one training step, per case."""
+from bench.measure import measure
+
+
+def test_step(case, benchmark, profile, gemm_peaks, rows):
+    from bench.conftest import device
+    row = measure(case, device=device(), rounds=profile["rounds"], warmup=profile["warmup"], peaks=gemm_peaks,
+                  benchmark=benchmark if case.impl == "vnt" or _original_installed() else None)
+    rows.append({"kind": "case", **row})
+    assert row["status"] == "ok" or row["status"] == "oom" or row["status"].startswith("skipped")
+    if row["status"] == "ok":
+        assert row["max_abs_diff_vs_math"] < (5e-2 if case.backend == "l2" else 1e-3), row  # correct before fast
+
+
+def _original_installed() -> bool:
+    try:
+        import VN_transformer  # noqa: F401
+        return True
+    except ImportError:
+        return False
