@@ -17,6 +17,7 @@ class Case:
     batch: int = 2
     fusion: bool = True             # early fusion of dim_feat features
     impl: str = "vnt"               # "vnt" | "original" (the VN-transformer 0.1.0 package)
+    group: str = "grid"             # which question the row answers: grid | readme | length | fusion_off
     dim: int = 64
     depth: int = 2
     heads: int = 8
@@ -25,37 +26,49 @@ class Case:
 
     @property
     def id(self) -> str:
-        parts = [self.impl, self.backend, f"eps{self.bias_epsilon:g}", self.dtype, f"n{self.n}", f"b{self.batch}",
-                 "fusion" if self.fusion else "nofusion"]
+        parts = [self.impl, self.backend, f"eps{self.bias_epsilon:g}", self.dtype, f"d{self.dim}", f"n{self.n}",
+                 f"b{self.batch}", "fusion" if self.fusion else "nofusion"]
         return "-".join(parts)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "case_id": self.id}
 
 
+SMALL = dict(dim=32, heads=4, dim_head=16, dim_feat=16, batch=1)   # small enough for bf16 on a CPU without AMX
+ATTN_MEMORY = dict(dim=8, depth=1, heads=8, dim_head=4, fusion=False, batch=1)  # attention-dominated memory
+README = dict(dim=64, depth=2, heads=8, dim_head=64, dim_feat=64, batch=2, n=128)
+
+
 def quick_cases() -> list[Case]:
-    """~10 minutes on a 2-core CPU: the README configuration (dim 64, depth 2, 8 x 64 heads,
-    dim_feat 64, batch 2) at n = 128 for every backend x epsilon x dtype, a length sweep per
-    backend, fusion off, and the original package as a baseline when installed."""
-    cases = [Case(backend=b, bias_epsilon=e, dtype=d) for b in BACKENDS for e in EPSILONS for d in DTYPES]
-    small = dict(dim=32, heads=4, dim_head=16, dim_feat=16, batch=1)
-    cases += [Case(backend=b, n=n, **small) for b in BACKENDS for n in (128, 256, 512, 1024)]
-    cases += [Case(backend=b, fusion=False) for b in BACKENDS]
-    cases += [Case(backend=b, impl="original") for b in BACKENDS]
+    """~10 minutes on a 2-core CPU.
+
+    grid:       every backend x epsilon x dtype at the small config, n = 128 (error vs epsilon, dtype)
+    readme:     the README configuration, float32, every backend, vnt and the original package
+    length:     float32 length sweep per backend at the small config (speed and memory vs n)
+    fusion_off: the small config without early fusion
+    attn_memory: a tiny model whose step memory is dominated by attention (math: n^2; sdpa: n)
+    """
+    cases = [Case(backend=b, bias_epsilon=e, dtype=d, n=128, **SMALL) for b in BACKENDS for e in EPSILONS for d in DTYPES]
+    cases += [Case(backend=b, impl=impl, group="readme", **README) for impl in ("vnt", "original") for b in BACKENDS]
+    cases += [Case(backend=b, n=n, group="length", **SMALL) for b in BACKENDS for n in (256, 512, 1024)]
+    cases += [Case(backend=b, fusion=False, group="fusion_off", **SMALL) for b in BACKENDS]
+    cases += [Case(backend=b, n=n, group="attn_memory", **ATTN_MEMORY) for b in BACKENDS for n in (512, 1024, 2048)]
     return cases
 
 
 def full_cases() -> list[Case]:
     cases = quick_cases()
-    small = dict(dim=32, heads=4, dim_head=16, dim_feat=16, batch=1)
-    cases += [Case(backend=b, n=n, dtype=d, **small) for b in BACKENDS for n in (2048, 4096) for d in DTYPES]
-    cases += [Case(backend=b, n=n, dtype="bfloat16", **small) for b in BACKENDS for n in (128, 256, 512, 1024)]
+    cases += [Case(backend=b, n=n, group="length", **SMALL) for b in BACKENDS for n in (2048, 4096)]
+    cases += [Case(backend=b, n=n, dtype="bfloat16", group="length", **SMALL) for b in BACKENDS for n in (256, 512)]
+    cases += [Case(backend=b, bias_epsilon=e, dtype="bfloat16", group="readme", **README) for b in BACKENDS
+              for e in (0.0,)]
     return cases
 
 
 def cuda_cases() -> list[Case]:
     """Sizes that fill a GPU."""
-    cases = [Case(backend=b, bias_epsilon=e, dtype=d, batch=8, n=512) for b in BACKENDS for e in EPSILONS for d in DTYPES]
-    cases += [Case(backend=b, n=n, dtype=d, batch=4, fusion=False) for b in BACKENDS for n in (1024, 4096, 8192)
-              for d in DTYPES]
+    cases = [Case(backend=b, bias_epsilon=e, dtype=d, group="grid", **{**README, "batch": 8, "n": 512})
+             for b in BACKENDS for e in EPSILONS for d in DTYPES]
+    cases += [Case(backend=b, n=n, dtype="float32", group="length", **{**SMALL, "batch": 4}) for b in BACKENDS
+              for n in (1024, 4096, 8192)]
     return cases

@@ -95,7 +95,7 @@ def count_flops(fn) -> int:
     return counter.get_total_flops()
 
 
-def gemm_peak_flops(dtype: str, device: str = "cpu", size: int = 2048, rounds: int = 5) -> float:
+def gemm_peak_flops(dtype: str, device: str = "cpu", size: int = 1024, rounds: int = 3) -> float:
     """Dense GEMM FLOP/s in this dtype on this device: the roofline cases are held against."""
     a = torch.randn(size, size, device=device, dtype=DTYPES[dtype])
     b = torch.randn(size, size, device=device, dtype=DTYPES[dtype])

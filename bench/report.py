@@ -15,7 +15,7 @@ from pathlib import Path
 RESULTS = Path(__file__).parents[1] / "results" / "bench"
 
 COLUMNS = [  # the tidy schema; results/README.md explains each
-    "kind", "case_id", "impl", "backend", "bias_epsilon", "dtype", "n", "batch", "fusion", "dim", "depth", "heads",
+    "kind", "group", "case_id", "impl", "backend", "bias_epsilon", "dtype", "n", "batch", "fusion", "dim", "depth", "heads",
     "dim_head", "dim_feat", "device", "status", "rounds", "warmup", "fwd_ms", "fwd_ms_q1", "fwd_ms_q3",
     "fwd_bwd_ms", "fwd_bwd_ms_q1", "fwd_bwd_ms_q3", "tokens_per_s", "fwd_bwd_gflop", "achieved_gflop_per_s",
     "gemm_peak_gflop_per_s", "peak_fraction", "peak_mem_mib", "mem_method", "equiv_rel_err",
@@ -75,43 +75,59 @@ def _table(df) -> str:
     return df.to_markdown() if len(df) else "(no rows)"
 
 
+def _config(row) -> str:
+    i = lambda k: int(row[k])  # noqa: E731  (CSV columns with NaN rows read back as floats)
+    return (f"dim {i('dim')}, depth {i('depth')}, {i('heads')} heads x {i('dim_head')}, "
+            f"dim_feat {i('dim_feat') if row['fusion'] else 'none'}, batch {i('batch')}")
+
+
 def render(out_dir: Path = RESULTS) -> None:
     import pandas as pd
     df = pd.read_csv(out_dir / "latest.csv")
     meta = json.loads((out_dir / "latest.meta.json").read_text())
     ok = df[(df["kind"] == "case") & (df["status"] == "ok")]
-    main, sweep = split_views(ok)
+    grid, readme, length = split_views(ok)
     lines = [f"# Benchmark report ({meta.get('profile', '?')} profile)", "",
              "## Protocol", "",
              *[f"- {k}: {v}" for k, v in meta.items()], "",
              "Times are medians over `rounds` timed steps after `warmup` untimed ones (quartiles in the CSV). "
              "FLOPs are counted by `torch.utils.flop_counter.FlopCounterMode` on one forward+backward; "
              "`peak_fraction` divides achieved FLOP/s by a dense GEMM measured in the same run and dtype. "
-             "Equivariance error: `vnt.equivariance_error`, max relative error over 3 Haar-random rotations.", ""]
-    if len(main):
-        speed = main[main["bias_epsilon"] == 0].pivot_table(index=["impl", "backend"], columns="dtype",
-                                                            values="fwd_bwd_ms", aggfunc="first")
-        first = main.iloc[0]
-        lines += [f"## Forward+backward time, main configuration (ms; dim {first['dim']}, depth {first['depth']}, "
-                  f"{first['heads']}x{first['dim_head']} heads, dim_feat {first['dim_feat']}, n {first['n']}, "
-                  f"batch {first['batch']}, eps 0)", "", _table(speed.round(1)), ""]
-        util = main[main["bias_epsilon"] == 0].pivot_table(index=["impl", "backend"], columns="dtype",
-                                                           values="peak_fraction", aggfunc="first")
-        lines += ["## Fraction of measured GEMM peak", "", _table(util.round(3)), ""]
-    if len(sweep):
-        lines += ["## Tokens/s by backend and length (float32, eps 0)", "",
-                  _table(sweep.pivot_table(index="n", columns="backend", values="tokens_per_s").round(0)), "",
-                  "## Peak memory of one step by backend and length (MiB)", "",
-                  _table(sweep.pivot_table(index="n", columns="backend", values="peak_mem_mib").round(1)), ""]
-    eq = main[main["impl"] == "vnt"]
-    if len(eq):
-        lines += ["## Equivariance error by bias epsilon and dtype (relative, max over backends)", "",
-                  _table(eq.pivot_table(index="bias_epsilon", columns="dtype", values="equiv_rel_err", aggfunc="max")
-                         .map(lambda v: f"{v:.2e}")), ""]
+             "Equivariance error: `vnt.equivariance_error`, max relative error over 3 Haar-random rotations. "
+             "bfloat16 runs under autocast over float32 weights.", ""]
+    if len(readme):
+        r = readme.iloc[0]
+        speed = readme.pivot_table(index="backend", columns="impl", values="fwd_bwd_ms", aggfunc="first")
+        if "original" in speed and "vnt" in speed:
+            speed["speedup_vs_original"] = speed["original"] / speed["vnt"]
+        lines += [f"## Forward+backward time at the README configuration (ms; {_config(r)}, n {int(r['n'])}, float32)", "",
+                  _table(speed.round(2)), "",
+                  "## Fraction of the measured float32 GEMM peak at the README configuration", "",
+                  _table(readme.pivot_table(index="backend", columns="impl", values="peak_fraction",
+                                            aggfunc="first").round(3)), ""]
+    if len(length):
+        r = length.iloc[0]
+        lines += [f"## Tokens/s (forward+backward) by backend and length ({_config(r)}, float32, eps 0)", "",
+                  _table(length.pivot_table(index="n", columns="backend", values="tokens_per_s").round(0)), "",
+                  "## Peak memory of one forward+backward by backend and length (MiB)", "",
+                  _table(length.pivot_table(index="n", columns="backend", values="peak_mem_mib").round(1)), ""]
+    attn = ok[ok["group"] == "attn_memory"]
+    if len(attn):
+        lines += [f"## Peak memory where attention dominates (MiB; {_config(attn.iloc[0])}, float32)", "",
+                  _table(attn.pivot_table(index="n", columns="backend", values="peak_mem_mib").round(1)), ""]
+    if len(grid):
+        r = grid.iloc[0]
+        lines += [f"## Equivariance error by bias epsilon, dtype and backend ({_config(r)}, n {int(r['n'])})", "",
+                  _table(grid.pivot_table(index="bias_epsilon", columns=["dtype", "backend"], values="equiv_rel_err",
+                                          aggfunc="max").map(lambda v: f"{v:.1e}")), "",
+                  "## Forward+backward time by backend and dtype (ms, eps 0, same configuration)", "",
+                  _table(grid[grid["bias_epsilon"] == 0].pivot_table(index="backend", columns="dtype",
+                                                                     values="fwd_bwd_ms").round(1)), ""]
     scaling = df[df["kind"] == "scaling"]
     if len(scaling):
         lines += ["## Data-parallel scaling (DeepSpeed, weak scaling, same per-process batch)", "",
-                  _table(scaling[["world_size", "steps_per_s", "scaling_efficiency", "status"]].set_index("world_size")), ""]
+                  _table(scaling[["world_size", "steps_per_s", "scaling_efficiency", "status"]].set_index("world_size")
+                         .round(3)), ""]
     skipped = df[df["status"] != "ok"]
     if len(skipped):
         lines += ["## Rows not measured", "", _table(skipped[["case_id", "status"]].set_index("case_id")), ""]
@@ -120,16 +136,13 @@ def render(out_dir: Path = RESULTS) -> None:
 
 
 def split_views(ok):
-    """(main, sweep): the rows at the sweep's first (main) configuration, and the float32 eps-0
-    length sweep (the rows at another model size, or all float32 eps-0 rows if there is none)."""
-    if not len(ok):
-        return ok, ok
-    first = ok.iloc[0]
-    same = (ok["dim"] == first["dim"]) & (ok["n"] == first["n"]) & (ok["batch"] == first["batch"]) & \
-        (ok["fusion"] == first["fusion"])
-    base = ok[(ok["dtype"] == "float32") & (ok["impl"] == "vnt") & (ok["bias_epsilon"] == 0)]
-    other = base[base["dim"] != first["dim"]]
-    return ok[same], (other if len(other) else base)
+    """(grid, readme, length): the epsilon x dtype grid, the README-configuration rows, and the
+    float32 eps-0 length sweep (the grid's rows at that point included)."""
+    grid = ok[ok["group"] == "grid"]
+    readme = ok[ok["group"] == "readme"]
+    length = ok[ok["group"].isin(("length", "grid")) & (ok["dtype"] == "float32")
+                & (ok["bias_epsilon"] == 0) & (ok["impl"] == "vnt")]
+    return grid, readme, length
 
 
 def plot(ok, out_dir: Path) -> None:
@@ -137,13 +150,13 @@ def plot(ok, out_dir: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    main, sweep = split_views(ok)
+    grid, _, length = split_views(ok)
     for value, fname, label in (("tokens_per_s", "throughput_vs_length.png", "tokens/s (fwd+bwd)"),
                                 ("peak_mem_mib", "memory_vs_length.png", "peak memory of one step (MiB)")):
-        if not len(sweep):
+        if not len(length):
             continue
         fig, ax = plt.subplots(figsize=(5, 3.5))
-        for backend, g in sweep.groupby("backend"):
+        for backend, g in length.groupby("backend"):
             g = g.sort_values("n")
             ax.plot(g["n"], g[value], marker="o", label=backend)
         ax.set_xscale("log", base=2)
@@ -155,7 +168,7 @@ def plot(ok, out_dir: Path) -> None:
         fig.tight_layout()
         fig.savefig(out_dir / fname, dpi=120)
         plt.close(fig)
-    eq = main[main["impl"] == "vnt"]
+    eq = grid[grid["impl"] == "vnt"]
     if len(eq):
         fig, ax = plt.subplots(figsize=(5, 3.5))
         for (dtype, backend), g in eq.groupby(["dtype", "backend"]):

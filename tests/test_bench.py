@@ -18,16 +18,19 @@ def test_sweep_is_data_with_unique_readable_ids():
         ids = [c.id for c in cases]
         assert len(ids) == len(set(ids))
     quick = quick_cases()
-    grid = {(c.backend, c.bias_epsilon, c.dtype) for c in quick if c.impl == "vnt"}
+    grid = {(c.backend, c.bias_epsilon, c.dtype) for c in quick if c.group == "grid"}
     assert len(grid) == 3 * 4 * 2  # every backend x epsilon x dtype
     assert max(c.n for c in full_cases()) >= 4096
-    assert quick[0].id == "vnt-sdpa-eps0-float32-n128-b2-fusion"
+    assert {c.impl for c in quick if c.group == "readme"} == {"vnt", "original"}
+    assert quick[0].id == "vnt-sdpa-eps0-float32-d32-n128-b1-fusion"
 
 
 def test_tiny_sweep_report_has_the_columns_and_no_unexplained_nan(tmp_path):
     peaks = {"float32": 1e11, "bfloat16": 2e11}
     cases = [Case(backend=b, bias_epsilon=e, dtype=d, **TINY) for b in ("sdpa", "math", "l2")
              for e in (0.0, 1e-2) for d in ("float32", "bfloat16")]
+    cases += [Case(backend=b, group="readme", **TINY) for b in ("sdpa", "math")]
+    cases += [Case(backend=b, group="length", **{**TINY, "n": 32}) for b in ("sdpa", "math")]
     rows = [{"kind": "case", **measure(c, device="cpu", rounds=2, warmup=1, peaks=peaks)} for c in cases]
     rows.append({"kind": "case", **Case(impl="original", **TINY).to_dict(), "status": "oom"})  # a status row
     report.write(rows, out_dir=tmp_path, protocol={"profile": "test", "rounds": 2, "warmup": 1})
@@ -48,7 +51,8 @@ def test_tiny_sweep_report_has_the_columns_and_no_unexplained_nan(tmp_path):
     assert (df[df["status"] != "ok"]["fwd_ms"].isna()).all()
     md = (tmp_path / "latest.md").read_text()
     assert "Protocol" in md and "torch" in md and "git_commit" in md
-    assert (tmp_path / "equivariance_vs_epsilon.png").stat().st_size > 0
+    for png in ("equivariance_vs_epsilon.png", "throughput_vs_length.png", "memory_vs_length.png"):
+        assert (tmp_path / png).stat().st_size > 0
 
 
 def test_cpu_peak_memory_sees_quadratic_math_and_linear_sdpa():
