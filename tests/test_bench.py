@@ -60,8 +60,8 @@ def test_cpu_peak_memory_sees_quadratic_math_and_linear_sdpa():
     small = dict(dim=8, depth=1, heads=8, dim_head=4, fusion=False, batch=1)
     growth = {}
     for backend in ("math", "sdpa"):
-        lo, _ = peak_memory_mib(Case(backend=backend, n=512, **small), "cpu")
+        lo, _ = peak_memory_mib(Case(backend=backend, n=1024, **small), "cpu")
         hi, _ = peak_memory_mib(Case(backend=backend, n=2048, **small), "cpu")
-        growth[backend] = math.log(hi / lo) / math.log(4)  # exponent of n
-    assert growth["math"] > 1.6, growth
-    assert growth["sdpa"] < 1.3, growth
+        growth[backend] = math.log2(hi / lo)  # local exponent of n (committed run: math 1.85, sdpa 0.43)
+    assert growth["math"] > 1.5, growth
+    assert growth["sdpa"] < 1.2, growth
