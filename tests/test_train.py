@@ -2,7 +2,6 @@
 import csv
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess

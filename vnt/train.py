@@ -200,7 +200,7 @@ def config_from_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
 # the task
 
 
-def model_inputs(batch: dict, *, sigma: float, generator: torch.Generator | None, scale: float):
+def model_inputs(batch: dict, *, sigma: float, generator: torch.Generator | None):
     """Flatten residues x atoms into points; add noise. Returns (noisy, clean, tokens, mask), Angstrom."""
     b, L = batch["tokens"].shape
     clean = batch["coords"].reshape(b, L * NUM_ATOMS, 3)
@@ -344,7 +344,7 @@ class Trainer:
     def train_step(self, batch) -> dict:
         run = self.cfg.run
         gen = torch.Generator().manual_seed(hash((run.seed, self.rank, self.step)) % 2 ** 63)
-        noisy, clean, tokens, mask = model_inputs(batch, sigma=run.sigma, generator=gen, scale=run.coord_scale)
+        noisy, clean, tokens, mask = model_inputs(batch, sigma=run.sigma, generator=gen)
         noisy, clean, tokens, mask = (t.to(self.device) for t in (noisy, clean, tokens, mask))
         pred = denoise(self.engine, noisy, tokens, mask, scale=run.coord_scale)
         loss = masked_mse(pred, clean, mask)
@@ -378,7 +378,7 @@ class Trainer:
                                                      rank=self.rank, world_size=self.world)):
             if run.val_max_batches and k >= run.val_max_batches:
                 break
-            noisy, clean, tokens, mask = model_inputs(batch, sigma=run.sigma, generator=gen, scale=run.coord_scale)
+            noisy, clean, tokens, mask = model_inputs(batch, sigma=run.sigma, generator=gen)
             noisy, clean, tokens, mask = (t.to(self.device) for t in (noisy, clean, tokens, mask))
             pred = denoise(self.engine, noisy, tokens, mask, scale=run.coord_scale)
             m = mask[..., None]
