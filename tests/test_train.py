@@ -180,3 +180,13 @@ def test_ds_config_files_are_valid_for_the_trainer():
         cfg = dataclasses.replace(TrainConfig(), run=RunConfig(ds_config=str(path)))
         ds = cfg.deepspeed_config(world_size=4)
         assert ds["train_batch_size"] == cfg.data.batch_size * cfg.optim.grad_accum * 4
+
+
+def test_run_config_json_rebuilds_the_same_config(two_proc_run):
+    """config.json holds everything needed to reproduce: it loads back into an equal TrainConfig."""
+    from vnt.train import TrainConfig
+    run_dir, _ = two_proc_run
+    saved = json.loads((run_dir / "config.json").read_text())["config"]
+    cfg = TrainConfig.from_dict(saved)
+    assert json.loads(json.dumps(cfg.to_dict())) == saved
+    assert cfg.model.dim == 8 and cfg.run.max_steps == 8

@@ -320,8 +320,7 @@ class Trainer:
     def save(self) -> None:
         self.engine.save_checkpoint(str(self.ckpt_dir), tag=f"step{self.step}",
                                     client_state={"step": self.step, "position": list(self.position)})
-        if self.is_main:
-            self.log(f"checkpoint: step {self.step} -> {self.ckpt_dir}")
+        self.log(f"checkpoint: step {self.step} -> {self.ckpt_dir}")
 
     def maybe_resume(self) -> None:
         if not (self.ckpt_dir / "latest").is_file():

@@ -86,18 +86,17 @@ class ShardedBatchSampler:
 class ProteinBatches:
     """Iterates collated batches for one rank over epochs, forever, from a given position.
 
-    Training crops are random from (seed, epoch, example index), validation uses chunk windows.
+    Crops are random from (seed, epoch, example index); validation uses ``validation_batches``.
     ``position`` (epoch, batch index) is what a checkpoint stores to resume the same stream.
     """
 
-    def __init__(self, examples: list[ProteinExample], sampler: ShardedBatchSampler, *, max_length: int,
-                 random_crop: bool = True):
-        self.examples, self.sampler, self.max_length, self.random_crop = examples, sampler, max_length, random_crop
+    def __init__(self, examples: list[ProteinExample], sampler: ShardedBatchSampler, *, max_length: int):
+        self.examples, self.sampler, self.max_length = examples, sampler, max_length
 
     def batch(self, epoch: int, indices: list[int]) -> dict:
         exs = [self.examples[i] for i in indices]
         windows = [crop_window(len(e), self.max_length,
-                               rng=np.random.default_rng([self.sampler.seed, epoch, i]) if self.random_crop else None)
+                               rng=np.random.default_rng([self.sampler.seed, epoch, i]))
                    for e, i in zip(exs, indices)]
         return collate(exs, windows)
 

@@ -27,9 +27,11 @@ THREE_TO_ONE = {
 }
 
 
+_TOKEN_OF = {a: i for i, a in enumerate(ALPHABET)}
+
+
 def tokenize(sequence: str) -> np.ndarray:
-    lookup = {a: i for i, a in enumerate(ALPHABET)}
-    return np.array([lookup.get(a, lookup[UNKNOWN]) for a in sequence], dtype=np.int64)
+    return np.array([_TOKEN_OF.get(a, _TOKEN_OF[UNKNOWN]) for a in sequence], dtype=np.int64)
 
 
 @dataclass

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vnt.data.core import (BACKBONE_ATOMS, NUM_ATOMS, THREE_TO_ONE, DataConfig, ProteinExample,
+from vnt.data.core import (AMINO_ACIDS, BACKBONE_ATOMS, NUM_ATOMS, THREE_TO_ONE, DataConfig, ProteinExample,
                            ProteinSet, SkipCounter)
 
 BUILD_VERSION = "embedded-v1"     # bump when parsing or filtering changes: invalidates caches
@@ -302,8 +302,6 @@ def synthetic_backbone(length: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def build_synthetic(*, count: int, length: int, seed: int, val_fraction: float) -> ProteinSet:
-    from vnt.data.core import AMINO_ACIDS
-
     rng = np.random.default_rng(seed)
     examples = []
     for i in range(count):
