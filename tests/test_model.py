@@ -30,10 +30,11 @@ def inputs(b=3, n=20, dim_feat=None, dtype=torch.float64, pad=True):
     return coors, feats, mask
 
 
+@pytest.mark.parametrize("fold", [False, True], ids=["projected", "folded"])
 @pytest.mark.parametrize("fusion", FUSION.values(), ids=FUSION.keys())
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_so3_equivariance_float64(backend, fusion):
-    model = small_model(backend, fusion)
+def test_so3_equivariance_float64(backend, fusion, fold):
+    model = small_model(backend, fusion, attn_fold=fold)
     coors, feats, mask = inputs(dim_feat=fusion)
     err = equivariance_error(model, coors, feats=feats, mask=mask, num_rotations=4)
     assert err.rel < DTYPE_TOLERANCES[torch.float64], err
@@ -119,6 +120,62 @@ def test_backends_agree_with_math_path(pair, dtype):
             err_fast = (fast_t - true_t).abs().max()
             err_ref = (ref_t - true_t).abs().max()
             assert err_fast <= 3 * err_ref + 1e-5, (err_fast, err_ref)
+
+
+@pytest.mark.parametrize("fusion", FUSION.values(), ids=FUSION.keys())
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_folded_attention_is_the_same_function(backend, fusion):
+    """Folded (multi-query) attention equals the projected form, outputs and every gradient."""
+    m_proj = small_model(backend, fusion, attn_fold=False)
+    m_fold = small_model(backend, fusion, attn_fold=True)
+    m_fold.load_state_dict(m_proj.state_dict())
+    assert [layer[0].fold for layer in m_fold.encoder.layers] == [True, True]
+    assert [layer[0].fold for layer in m_proj.encoder.layers] == [False, False]
+    coors, feats, mask = inputs(dim_feat=fusion)
+    results = []
+    for model in (m_proj, m_fold):
+        out = model(coors, feats=feats, mask=mask)
+        out = torch.cat(out, dim=-1) if isinstance(out, tuple) else out
+        grads = torch.autograd.grad(out[mask].pow(2).sum(), list(model.parameters()), allow_unused=True)
+        results.append((out[mask], grads))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-9, atol=1e-10)
+    for g_proj, g_fold in zip(results[0][1], results[1][1]):
+        assert (g_proj is None) == (g_fold is None)
+        if g_proj is not None:
+            scale = g_proj.abs().max().clamp(min=1.0)
+            assert (g_proj - g_fold).abs().max() <= 1e-8 * scale
+
+
+def test_fold_is_chosen_by_cost_and_refuses_bias():
+    assert VNTransformer(dim=16, depth=1, dim_head=16, heads=2).encoder.layers[0][0].fold
+    assert not VNTransformer(dim=32, depth=1, dim_head=16, heads=2).encoder.layers[0][0].fold
+    assert not VNTransformer(dim=16, depth=1, dim_head=16, heads=2, bias_epsilon=0.1).encoder.layers[0][0].fold
+    with pytest.raises(ValueError, match="bias_epsilon"):
+        VNTransformer(dim=16, depth=1, dim_head=16, heads=2, bias_epsilon=0.1, attn_fold=True)
+    with pytest.raises(ValueError, match="num_latents"):
+        VNAttention(16, dim_head=16, heads=2, num_latents=2, fold=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attend_shared_keys_equal_per_head_copies(backend):
+    """k, v with one head (multi-query form) give what their per-head copies give, with and
+    without per-head squared key norms (the L2 backends' k_sq)."""
+    from vnt.attend import Attend
+    b, h, n, e = 2, 3, 10, 16
+    q = torch.randn(b, h, n, e, dtype=torch.float64)
+    kv = torch.randn(b, 1, n, e, dtype=torch.float64)
+    k_sq = torch.rand(b, h, n, dtype=torch.float64) * 4
+    mask = torch.ones(b, n, dtype=torch.bool)
+    mask[1, 6:] = False
+    attend, ref = Attend(backend=backend), Attend(backend="l2_math" if backend.startswith("l2") else "math")
+    expanded = kv.expand(b, h, n, e).contiguous()
+    for sq in (None, k_sq) if backend.startswith("l2") else (None,):
+        out = attend(q, kv, kv, mask=mask, scale=0.3, k_sq=sq)
+        torch.testing.assert_close(out, ref(q, expanded, expanded, mask=mask, scale=0.3, k_sq=sq))
+    if backend.startswith("l2"):  # k_sq is what enters the softmax: -|q - k|^2 uses it, not |k|^2
+        sim = 2 * q @ expanded.transpose(-1, -2) - k_sq[:, :, None, :]
+        sim = (0.3 * sim).masked_fill(~mask[:, None, None, :], float("-inf"))
+        torch.testing.assert_close(attend(q, kv, kv, mask=mask, scale=0.3, k_sq=k_sq), sim.softmax(-1) @ expanded)
 
 
 def test_l2_attention_is_l2_distance():
@@ -222,9 +279,10 @@ def test_init_is_fan_in_scaled_and_softmax_not_saturated():
     assert probs.max(-1).values.mean() < 0.5  # the original's init put ~all weight on one key
 
 
+@pytest.mark.parametrize("fold", [False, True], ids=["projected", "folded"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_all_false_mask_gives_finite_outputs_and_grads(backend):
-    model = small_model(backend, 8, dtype=torch.float32, translation_equivariance=True)
+def test_all_false_mask_gives_finite_outputs_and_grads(backend, fold):
+    model = small_model(backend, 8, dtype=torch.float32, translation_equivariance=True, attn_fold=fold)
     coors, feats, mask = inputs(dim_feat=8, dtype=torch.float32)
     mask[0] = False
     feats.requires_grad_(True)

@@ -7,9 +7,13 @@ Backends (named, chosen at construction):
   "sdpa"     dot-product attention through ``F.scaled_dot_product_attention``, with the kernel
              (flash, memory-efficient, math) selected explicitly via ``torch.nn.attention.sdpa_kernel``.
   "l2"       L2-distance attention, sim = -scale * |q_i - k_j|^2, run on the SDPA kernels by
-             augmenting q and k with one extra feature (the -|q_i|^2 term is constant along j and
-             cancels in the softmax), so it gets the fused kernels too.
+             augmenting q and k with one extra feature per head (the -|q_i|^2 term is constant along
+             j and cancels in the softmax), so it gets the fused kernels too.
   "l2_math"  the same L2-distance attention written out; the reference for "l2".
+
+Keys and values may be shared by all heads (multi-query form, head axis of size 1): VNAttention
+folds its projections into the queries and the output map, so its keys and values are the input
+itself. The heads are then folded into the query rows, so no head-sized copy of k or v is made.
 """
 from __future__ import annotations
 
@@ -73,40 +77,59 @@ class Attend(nn.Module):
     def uses_sdpa(self) -> bool:
         return self.backend in ("sdpa", "l2")
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor | None = None) -> Tensor:
-        """q (b h i e), k/v (b h j e), mask (b j) bool with True = keep. Returns (b h i e)."""
-        scale = q.shape[-1] ** -0.5
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor | None = None,
+                scale: float | None = None, k_sq: Tensor | None = None) -> Tensor:
+        """q (b h i e); k, v (b h j e), or (b 1 j e) shared by every head (multi-query form, no copy:
+        the heads are folded into the query rows); mask (b j) bool, True = keep. Returns (b h i e_v).
+
+        scale defaults to e ** -0.5. For the L2 backends, ``k_sq`` (b h j) or (b 1 j) gives the
+        squared key norms |k_j|^2 when q.k is a bilinear form that k alone does not determine
+        (VNAttention's folded projections); by default they are computed from k.
+        """
+        b, h, i, _ = q.shape
+        j = k.shape[-2]
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        shared = k.shape[1] == 1 and h > 1
         if mask is not None:
             # a sample with no valid key would give softmax over nothing (NaN); let it attend to all of
             # its (zeroed) points instead so outputs and gradients stay finite. No host sync.
             mask = mask | ~mask.any(dim=-1, keepdim=True)
             mask = rearrange(mask, "b j -> b 1 1 j")
+        l2 = self.backend in ("l2", "l2_math")
+        if l2 and k_sq is None:
+            k_sq = k.pow(2).sum(-1)
 
         if self.backend in ("math", "l2_math"):
             self.last_kernel = "einsum"
-            sim = torch.einsum("b h i e, b h j e -> b h i j", q, k)
-            if self.backend == "l2_math":
-                q_sq = q.pow(2).sum(-1, keepdim=True)
-                k_sq = rearrange(k.pow(2).sum(-1), "b h j -> b h 1 j")
-                sim = 2 * sim - q_sq - k_sq
+            heads_as_rows = "b h i e -> b 1 (h i) e" if shared else "b h i e -> b h i e"
+            sim = torch.matmul(rearrange(q, heads_as_rows), k.transpose(-1, -2)).view(b, h, i, j)
+            if l2:  # -|q_i - k_j|^2 up to -|q_i|^2, which is constant along j and cancels in the softmax
+                sim = 2 * sim - rearrange(k_sq, "b h j -> b h 1 j")
             sim = sim * scale
             if mask is not None:
                 sim = sim.masked_fill(~mask, torch.finfo(sim.dtype).min)
-            attn = sim.softmax(dim=-1)
-            return torch.einsum("b h i j, b h j e -> b h i e", attn.to(v.dtype), v)
+            attn = rearrange(sim.softmax(dim=-1).to(v.dtype), heads_as_rows)
+            return torch.matmul(attn, v).view(b, h, i, v.shape[-1])
 
-        if self.backend == "l2":
-            # sim_ij = scale * (2 q.k - |k|^2)  ==  -scale |q - k|^2 + (term constant in j)
-            k_sq = k.pow(2).sum(-1, keepdim=True)
-            e = q.shape[-1] + 1
-            pad = (-e) % 8  # fused CUDA kernels want the head dim a multiple of 8
-            q = torch.cat((2 * q, torch.full_like(q[..., :1], -1.0)), dim=-1)
-            k = torch.cat((k, k_sq), dim=-1)
-            # fused kernels want q, k, v of one head dim (a multiple of 8): pad with zeros, slice after
-            e_v = v.shape[-1]
-            q, k, v = F.pad(q, (0, pad)), F.pad(k, (0, pad)), F.pad(v, (0, e + pad - e_v))
-            return self._sdpa(q, k, v, mask=mask, scale=scale)[..., :e_v]
-        return self._sdpa(q, k, v, mask=mask, scale=scale)
+        e_v = v.shape[-1]
+        if l2:
+            # sim_ij = 2 scale (q.k - |k_j|^2 / 2) == -scale |q_i - k_j|^2 + (term constant in j): augment q
+            # with -1 in the slot that holds its head's |k_j|^2 / 2, and zero-pad q, k, v to one head dim
+            # that is a multiple of 8 (what the fused kernels want); the padding is sliced off after
+            per_head_sq = k.shape[1] == 1 and k_sq.shape[1] > 1  # shared keys, one metric per head
+            q_extra = -torch.eye(h, dtype=q.dtype, device=q.device) if per_head_sq else q.new_full((1, 1), -1.0)
+            k_extra = rearrange(k_sq, "b h j -> b 1 j h" if per_head_sq else "b h j -> b h j 1").to(k.dtype) / 2
+            e = q.shape[-1] + q_extra.shape[-1]
+            width = e + (-e) % 8
+            q = torch.cat((q, rearrange(q_extra, "h s -> 1 h 1 s").expand(b, h, i, -1),
+                           q.new_zeros(()).expand(b, h, i, width - e)), dim=-1)
+            k = torch.cat((k, k_extra, k.new_zeros(()).expand(*k.shape[:-1], width - e)), dim=-1)
+            v = F.pad(v, (0, width - e_v))
+            scale = 2 * scale
+        if shared:
+            q = rearrange(q, "b h i e -> b 1 (h i) e")
+        out = self._sdpa(q, k, v, mask=mask, scale=scale)
+        return out[..., :e_v].reshape(b, h, i, e_v)
 
     def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor | None, scale: float) -> Tensor:
         key = (q.device.type, q.dtype, q.shape[-1], v.shape[-1], mask is not None,

@@ -152,14 +152,28 @@ class VNAttention(nn.Module):
     q, k, v come from one fused projection; each head attends over the flattened (c, d_head)
     features, whose inner products are rotation invariant. ``num_latents`` turns it into
     perceiver-style cross attention from pooled latents (b, m, c, d) to the sequence.
+
+    Folded form (self attention without epsilon bias, ``dim <= dim_head``; same parameters, same
+    function): with per-head maps Wq, Wk, Wv (dim_head x dim) and Wo (dim x dim_head),
+        q_i . k_j = sum_c x_ic (Wq^T Wk) x_jc    and    Wo (sum_j a_ij Wv x_j) = (Wo Wv) sum_j a_ij x_j,
+    so each head needs only two (dim x dim) maps, computed from the weights per call, and keys and
+    values are x itself, shared by every head. That skips the key and output projections and all
+    head split/merge copies; the attention's inner products run over (c, dim) instead of
+    (c, dim_head) features, hence the ``dim <= dim_head`` condition. ``fold=False`` forces the
+    projected form (tests compare the two).
     """
 
     def __init__(self, dim: int, *, dim_head: int = 64, heads: int = 8, bias_epsilon: float = 0.0,
                  attn_backend: str = "math", sdpa_kernels: tuple[str, ...] = DEFAULT_SDPA_KERNELS,
-                 num_latents: int | None = None):
+                 num_latents: int | None = None, fold: bool | None = None):
         super().__init__()
         self.heads = heads
+        self.dim_head = dim_head
         dim_inner = dim_head * heads
+        foldable = num_latents is None and bias_epsilon == 0
+        if fold and not foldable:
+            raise ValueError("fold=True needs self attention (num_latents=None) without bias (bias_epsilon=0)")
+        self.fold = foldable and dim <= dim_head if fold is None else fold
         self.attend = Attend(backend=attn_backend, sdpa_kernels=sdpa_kernels)
         self.to_latents = (VNWeightedPool(dim, num_pooled_tokens=num_latents, squeeze_out_pooled_dim=False)
                            if num_latents is not None else None)
@@ -174,6 +188,8 @@ class VNAttention(nn.Module):
         self.to_out = VNLinear(dim_inner, dim, bias_epsilon=bias_epsilon)
 
     def forward(self, x: Tensor, *, mask: Tensor | None = None) -> Tensor:
+        if self.fold:
+            return self._forward_folded(x, mask=mask)
         # q, k, v share one parameter tensor; each is its own GEMM on a weight slice so that the
         # backward pass accumulates into grad x instead of concatenating three large gradients
         split = "b n c (h d) -> b h n (c d)"
@@ -187,6 +203,25 @@ class VNAttention(nn.Module):
         c = x.shape[-2]
         out = self.attend(q, k, v, mask=mask)
         return self.to_out(rearrange(out, "b h n (c d) -> b n c (h d)", c=c))
+
+    def _forward_folded(self, x: Tensor, *, mask: Tensor | None) -> Tensor:
+        b, n, c, d = x.shape
+        w = rearrange(self.to_qkv.weight, "(p h e) d -> p h e d", h=self.heads, p=2 if self.tied_qk else 3)
+        w_q, w_k, w_v = (w[0], w[0], w[1]) if self.tied_qk else w
+        w_o = rearrange(self.to_out.weight, "d (h e) -> h e d", h=self.heads)
+        qk_map = w_q.transpose(-1, -2) @ w_k                       # (h, d, d): q.k = (x qk_map) . x
+        vo_map = w_v.transpose(-1, -2) @ w_o                       # (h, d, d): x vo_map = Wo Wv x
+        q = torch.matmul(rearrange(x, "b n c d -> b 1 (n c) d"), qk_map)  # (b, h, (n c), d)
+        q = rearrange(q, "b h (n c) d -> b h n (c d)", c=c)
+        kv = rearrange(x, "b n c d -> b 1 n (c d)")
+        k_sq = None
+        if self.tied_qk:  # L2 attention: |q_j|^2 = sum_c x_jc qk_map x_jc = <qk_map, x_j^T x_j>, per head
+            gram = torch.matmul(x.transpose(-1, -2), x)               # (b, n, d, d)
+            k_sq = rearrange(F.linear(rearrange(gram, "b n d e -> b n (d e)"),
+                                      rearrange(qk_map, "h d e -> h (d e)")), "b n h -> b h n")
+        out = self.attend(q, kv, kv, mask=mask, scale=(c * self.dim_head) ** -0.5, k_sq=k_sq)
+        out = torch.matmul(rearrange(out, "b h n (c d) -> b h (n c) d", c=c), vo_map).sum(dim=1)
+        return rearrange(out, "b (n c) d -> b n c d", c=c)
 
 
 class VNInvariant(nn.Module):

@@ -33,6 +33,7 @@ class VNTransformerConfig:
     translation_invariant: bool = False
     attn_backend: str | None = None       # "math" | "sdpa" | "l2" | "l2_math"; None: from the flags
     sdpa_kernels: tuple[str, ...] = DEFAULT_SDPA_KERNELS
+    attn_fold: bool | None = None         # folded (multi-query) attention; None: when dim <= dim_head
     ff_mult: float = 4
     relu_negative_slope: float = 0.0
     final_norm: bool = False
@@ -45,6 +46,11 @@ class VNTransformerConfig:
             raise ValueError("translation_equivariance and translation_invariant are mutually exclusive")
         if self.num_tokens is not None and self.dim_feat is None:
             object.__setattr__(self, "dim_feat", self.dim)  # token embeddings are dim_feat wide
+        if self.attn_fold not in (None, True, False):
+            raise ValueError(f"attn_fold must be None (automatic), True or False, got {self.attn_fold!r}")
+        if self.attn_fold and self.bias_epsilon > 0:
+            raise ValueError("attn_fold=True needs bias_epsilon=0: the epsilon bias does not fold into the "
+                             "per-head maps")
         object.__setattr__(self, "sdpa_kernels", tuple(self.sdpa_kernels))
         object.__setattr__(self, "attn_backend", resolve_backend(
             attn_backend=self.attn_backend, flash_attn=self.flash_attn, l2_dist_attn=self.l2_dist_attn))
@@ -70,13 +76,14 @@ class VNTransformerEncoder(nn.Module):
 
     def __init__(self, dim: int, *, depth: int, dim_head: int = 64, heads: int = 8, ff_mult: float = 4,
                  final_norm: bool = False, bias_epsilon: float = 0.0, attn_backend: str = "math",
-                 sdpa_kernels: tuple[str, ...] = DEFAULT_SDPA_KERNELS, relu_negative_slope: float = 0.0):
+                 sdpa_kernels: tuple[str, ...] = DEFAULT_SDPA_KERNELS, relu_negative_slope: float = 0.0,
+                 attn_fold: bool | None = None):
         super().__init__()
         self.dim = dim
         self.layers = nn.ModuleList([
             nn.ModuleList([
                 VNAttention(dim, dim_head=dim_head, heads=heads, bias_epsilon=bias_epsilon,
-                            attn_backend=attn_backend, sdpa_kernels=sdpa_kernels),
+                            attn_backend=attn_backend, sdpa_kernels=sdpa_kernels, fold=attn_fold),
                 VNLayerNorm(dim),
                 VNFeedForward(dim, mult=ff_mult, bias_epsilon=bias_epsilon, negative_slope=relu_negative_slope),
                 VNLayerNorm(dim),
@@ -115,7 +122,7 @@ class VNTransformer(nn.Module):
         self.encoder = VNTransformerEncoder(
             dim, depth=depth, dim_head=cfg.dim_head, heads=cfg.heads, ff_mult=cfg.ff_mult,
             final_norm=cfg.final_norm, bias_epsilon=cfg.bias_epsilon, attn_backend=cfg.attn_backend,
-            sdpa_kernels=cfg.sdpa_kernels, relu_negative_slope=cfg.relu_negative_slope)
+            sdpa_kernels=cfg.sdpa_kernels, relu_negative_slope=cfg.relu_negative_slope, attn_fold=cfg.attn_fold)
         if cfg.reduce_dim_out:
             self.out_norm = VNLayerNorm(dim)
             self.proj_out = VNLinear(dim, 1, bias_epsilon=cfg.bias_epsilon)

@@ -155,6 +155,8 @@ def _parse_value(raw: str, current):
         return float(raw)
     if raw.lower() == "none":
         return None
+    if current is None and raw.lower() in ("true", "false"):  # optional flags such as model.attn_fold
+        return raw.lower() == "true"
     try:
         return json.loads(raw) if current is None and raw[:1].isdigit() else raw
     except json.JSONDecodeError:
