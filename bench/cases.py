@@ -17,7 +17,8 @@ class Case:
     batch: int = 2
     fusion: bool = True             # early fusion of dim_feat features
     impl: str = "vnt"               # "vnt" | "original" (the VN-transformer 0.1.0 package)
-    group: str = "grid"             # which question the row answers: grid | readme | length | fusion_off
+    group: str = "grid"             # which question the row answers: grid | readme | length | fusion_off | ...
+    attn_fold: bool | None = None   # vnt's folded attention; None: the model's default (dim <= dim_head)
     dim: int = 64
     depth: int = 2
     heads: int = 8
@@ -28,6 +29,8 @@ class Case:
     def id(self) -> str:
         parts = [self.impl, self.backend, f"eps{self.bias_epsilon:g}", self.dtype, f"d{self.dim}", f"n{self.n}",
                  f"b{self.batch}", "fusion" if self.fusion else "nofusion"]
+        if self.attn_fold is not None:
+            parts.append("folded" if self.attn_fold else "projected")
         return "-".join(parts)
 
     def to_dict(self) -> dict:
@@ -46,11 +49,13 @@ def quick_cases() -> list[Case]:
     readme:     the README configuration, float32, every backend, vnt and the original package
     length:     float32 length sweep per backend at the small config (speed and memory vs n)
     fusion_off: the small config without early fusion
+    fold_off:   the README configuration with vnt's attention in projected form (attn_fold=False)
     attn_memory: a tiny model whose step memory is dominated by attention (math: n^2; sdpa: n)
     """
     cases = [Case(backend=b, bias_epsilon=e, dtype=d, n=128, **SMALL) for b in BACKENDS for e in EPSILONS for d in DTYPES]
     cases += [Case(backend=b, impl=impl, group="readme", **README) for impl in ("vnt", "original") for b in BACKENDS]
     cases += [Case(backend=b, n=n, group="length", **SMALL) for b in BACKENDS for n in (256, 512, 1024)]
+    cases += [Case(backend=b, group="fold_off", attn_fold=False, **README) for b in BACKENDS]
     cases += [Case(backend=b, fusion=False, group="fusion_off", **SMALL) for b in BACKENDS]
     cases += [Case(backend=b, n=n, group="attn_memory", **ATTN_MEMORY) for b in BACKENDS for n in (512, 1024, 2048)]
     return cases

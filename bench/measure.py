@@ -34,7 +34,7 @@ def build(case: Case, device: str = "cpu"):
         model = Original(**kw, flash_attn=case.backend == "sdpa", l2_dist_attn=case.backend == "l2")
     else:
         from vnt import VNTransformer
-        model = VNTransformer(**kw, attn_backend=case.backend)
+        model = VNTransformer(**kw, attn_backend=case.backend, attn_fold=case.attn_fold)
     model = model.to(device)
     coors = torch.randn(case.batch, case.n, 3, device=device)
     feats = torch.randn(case.batch, case.n, case.dim_feat, device=device) if case.fusion else None

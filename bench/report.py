@@ -90,7 +90,8 @@ def render(out_dir: Path = RESULTS) -> None:
     lines = [f"# Benchmark report ({meta.get('profile', '?')} profile)", "",
              "## Protocol", "",
              *[f"- {k}: {v}" for k, v in meta.items()], "",
-             "Times are medians over `rounds` timed steps after `warmup` untimed ones (quartiles in the CSV). "
+             "Times are medians over `rounds` timed steps after `warmup` untimed ones (quartiles in the CSV; "
+             "the README-configuration rows, readme and fold_off, use `readme_rounds`). "
              "FLOPs are counted by `torch.utils.flop_counter.FlopCounterMode` on one forward+backward; "
              "`peak_fraction` divides achieved FLOP/s by a dense GEMM measured in the same run and dtype. "
              "Equivariance error: `vnt.equivariance_error`, max relative error over 3 Haar-random rotations. "
@@ -100,6 +101,10 @@ def render(out_dir: Path = RESULTS) -> None:
         speed = readme.pivot_table(index="backend", columns="impl", values="fwd_bwd_ms", aggfunc="first")
         if "original" in speed and "vnt" in speed:
             speed["speedup_vs_original"] = speed["original"] / speed["vnt"]
+        fold_off = ok[ok["group"] == "fold_off"].set_index("backend")["fwd_bwd_ms"]
+        if len(fold_off):
+            speed["vnt_projected"] = fold_off  # vnt with attn_fold=False
+            speed["fold_gain"] = speed["vnt_projected"] / speed["vnt"]
         lines += [f"## Forward+backward time at the README configuration (ms; {_config(r)}, n {int(r['n'])}, float32)", "",
                   _table(speed.round(2)), "",
                   "## Fraction of the measured float32 GEMM peak at the README configuration", "",

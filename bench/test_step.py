@@ -4,7 +4,8 @@ from bench.measure import measure
 
 def test_step(case, benchmark, profile, gemm_peaks, rows):
     from bench.conftest import device
-    row = measure(case, device=device(), rounds=profile["rounds"], warmup=profile["warmup"], peaks=gemm_peaks,
+    rounds = profile["readme_rounds"] if case.group in ("readme", "fold_off") else profile["rounds"]
+    row = measure(case, device=device(), rounds=rounds, warmup=profile["warmup"], peaks=gemm_peaks,
                   benchmark=benchmark if case.impl == "vnt" or _original_installed() else None)
     rows.append({"kind": "case", **row})
     assert row["status"] == "ok" or row["status"] == "oom" or row["status"].startswith("skipped")
