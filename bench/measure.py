@@ -10,6 +10,7 @@ over the post-setup RSS is the step's peak memory.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import statistics
@@ -87,10 +88,16 @@ def quartiles(xs: list[float]) -> tuple[float, float]:
     return q[0], q[2]
 
 
-def count_flops(fn) -> int:
+def count_flops(case: Case, device: str) -> int:
+    """FLOPs of one forward+backward, counted by FlopCounterMode on the written-out attention path
+    of the same model (math for sdpa, l2_math for vnt's l2): the counter does not see inside the
+    fused CPU SDPA kernels, and the arithmetic is the same."""
     from torch.utils.flop_counter import FlopCounterMode
+    written_out = {"sdpa": "math", "l2": "l2_math" if case.impl == "vnt" else "l2"}
+    model, coors, feats = build(dataclasses.replace(case, backend=written_out.get(case.backend, case.backend)), device)
+    _, fb = step_fns(model, coors, feats, case, device)
     with FlopCounterMode(display=False) as counter:
-        fn()
+        fb()
     return counter.get_total_flops()
 
 
@@ -205,7 +212,7 @@ def measure(case: Case, *, device: str, rounds: int, warmup: int, peaks: dict[st
             t_fb = list(benchmark.stats.stats.data)
         else:
             t_fb = time_fn(fb, rounds=rounds, warmup=warmup, device=device)
-        flops = count_flops(fb)
+        flops = count_flops(case, device)
         mem, mem_method = peak_memory_mib(case, device)
         row["equiv_rel_err"] = equivariance(case, device)
     except torch.OutOfMemoryError:

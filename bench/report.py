@@ -92,7 +92,8 @@ def render(out_dir: Path = RESULTS) -> None:
              *[f"- {k}: {v}" for k, v in meta.items()], "",
              "Times are medians over `rounds` timed steps after `warmup` untimed ones (quartiles in the CSV; "
              "the README-configuration rows, readme and fold_off, use `readme_rounds`). "
-             "FLOPs are counted by `torch.utils.flop_counter.FlopCounterMode` on one forward+backward; "
+             "FLOPs are counted by `torch.utils.flop_counter.FlopCounterMode` on one forward+backward of the same model "
+             "on its written-out attention path (the counter does not see inside fused SDPA kernels); "
              "`peak_fraction` divides achieved FLOP/s by a dense GEMM measured in the same run and dtype. "
              "Equivariance error: `vnt.equivariance_error`, max relative error over 3 Haar-random rotations. "
              "bfloat16 runs under autocast over float32 weights.", ""]
