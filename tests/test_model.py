@@ -146,6 +146,23 @@ def test_folded_attention_is_the_same_function(backend, fusion):
             assert (g_proj - g_fold).abs().max() <= 1e-8 * scale
 
 
+@pytest.mark.parametrize("heads", [2, 5], ids=["heads<=dim", "heads>dim"])
+def test_folded_l2_on_sdpa_matches_projected(heads):
+    """The folded L2 path on SDPA carries its augmentation in extra coordinate rows when heads <= dim
+    and falls back to Attend's augmented copies otherwise; both equal the projected form."""
+    x = torch.randn(2, 12, 3, 4, dtype=torch.float64, requires_grad=True)
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    mask[0, 7:] = False
+    outs = []
+    for fold in (False, True):
+        torch.manual_seed(0)
+        attn = VNAttention(4, dim_head=4, heads=heads, attn_backend="l2", fold=fold).double()
+        out = attn(x, mask=mask)
+        outs.append((out, *torch.autograd.grad(out.pow(2).sum(), [x, attn.to_qkv.weight])))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b)
+
+
 def test_fold_is_chosen_by_cost_and_refuses_bias():
     assert VNTransformer(dim=16, depth=1, dim_head=16, heads=2).encoder.layers[0][0].fold
     assert not VNTransformer(dim=32, depth=1, dim_head=16, heads=2).encoder.layers[0][0].fold

@@ -53,6 +53,14 @@ def resolve_backend(*, attn_backend: str | None, flash_attn: bool, l2_dist_attn:
     return attn_backend
 
 
+def _key_mask(mask: Tensor | None) -> Tensor | None:
+    """(b j) keep-mask -> (b 1 1 j). A sample with no valid key would give softmax over nothing (NaN):
+    it attends to all of its (zeroed) points instead, so outputs and gradients stay finite. No host sync."""
+    if mask is None:
+        return None
+    return rearrange(mask | ~mask.any(dim=-1, keepdim=True), "b j -> b 1 1 j")
+
+
 class Attend(nn.Module):
     """softmax attention over (b, h, n, e) tensors with a key-padding mask (b, j).
 
@@ -86,50 +94,62 @@ class Attend(nn.Module):
         squared key norms |k_j|^2 when q.k is a bilinear form that k alone does not determine
         (VNAttention's folded projections); by default they are computed from k.
         """
-        b, h, i, _ = q.shape
-        j = k.shape[-2]
         scale = q.shape[-1] ** -0.5 if scale is None else scale
-        shared = k.shape[1] == 1 and h > 1
-        if mask is not None:
-            # a sample with no valid key would give softmax over nothing (NaN); let it attend to all of
-            # its (zeroed) points instead so outputs and gradients stay finite. No host sync.
-            mask = mask | ~mask.any(dim=-1, keepdim=True)
-            mask = rearrange(mask, "b j -> b 1 1 j")
-        l2 = self.backend in ("l2", "l2_math")
-        if l2 and k_sq is None:
+        if self.backend not in ("l2", "l2_math"):
+            return self.dot_product(q, k, v, mask=mask, scale=scale)
+        if k_sq is None:
             k_sq = k.pow(2).sum(-1)
-
-        if self.backend in ("math", "l2_math"):
-            self.last_kernel = "einsum"
-            heads_as_rows = "b h i e -> b 1 (h i) e" if shared else "b h i e -> b h i e"
-            sim = torch.matmul(rearrange(q, heads_as_rows), k.transpose(-1, -2)).view(b, h, i, j)
-            if l2:  # -|q_i - k_j|^2 up to -|q_i|^2, which is constant along j and cancels in the softmax
-                sim = 2 * sim - rearrange(k_sq, "b h j -> b h 1 j")
-            sim = sim * scale
-            if mask is not None:
-                sim = sim.masked_fill(~mask, torch.finfo(sim.dtype).min)
-            attn = rearrange(sim.softmax(dim=-1).to(v.dtype), heads_as_rows)
-            return torch.matmul(attn, v).view(b, h, i, v.shape[-1])
-
+        if self.backend == "l2_math":
+            # -|q_i - k_j|^2 up to -|q_i|^2, which is constant along j and cancels in the softmax
+            return self._written_out(q, k, v, mask=mask, scale=scale, key_bias=k_sq)
+        # sim_ij = 2 scale (q.k - |k_j|^2 / 2) == -scale |q_i - k_j|^2 + (term constant in j): augment q
+        # with -1 in the slot that holds its head's |k_j|^2 / 2, and zero-pad q, k, v to one head dim
+        # that is a multiple of 8 (what the fused kernels want); the padding is sliced off after
+        b, h, i, _ = q.shape
         e_v = v.shape[-1]
-        if l2:
-            # sim_ij = 2 scale (q.k - |k_j|^2 / 2) == -scale |q_i - k_j|^2 + (term constant in j): augment q
-            # with -1 in the slot that holds its head's |k_j|^2 / 2, and zero-pad q, k, v to one head dim
-            # that is a multiple of 8 (what the fused kernels want); the padding is sliced off after
-            per_head_sq = k.shape[1] == 1 and k_sq.shape[1] > 1  # shared keys, one metric per head
-            q_extra = -torch.eye(h, dtype=q.dtype, device=q.device) if per_head_sq else q.new_full((1, 1), -1.0)
-            k_extra = rearrange(k_sq, "b h j -> b 1 j h" if per_head_sq else "b h j -> b h j 1").to(k.dtype) / 2
-            e = q.shape[-1] + q_extra.shape[-1]
-            width = e + (-e) % 8
-            q = torch.cat((q, rearrange(q_extra, "h s -> 1 h 1 s").expand(b, h, i, -1),
-                           q.new_zeros(()).expand(b, h, i, width - e)), dim=-1)
-            k = torch.cat((k, k_extra, k.new_zeros(()).expand(*k.shape[:-1], width - e)), dim=-1)
-            v = F.pad(v, (0, width - e_v))
-            scale = 2 * scale
+        per_head_sq = k.shape[1] == 1 and k_sq.shape[1] > 1  # shared keys, one metric per head
+        q_extra = -torch.eye(h, dtype=q.dtype, device=q.device) if per_head_sq else q.new_full((1, 1), -1.0)
+        k_extra = rearrange(k_sq, "b h j -> b 1 j h" if per_head_sq else "b h j -> b h j 1").to(k.dtype) / 2
+        e = q.shape[-1] + q_extra.shape[-1]
+        width = e + (-e) % 8
+        q = torch.cat((q, rearrange(q_extra, "h s -> 1 h 1 s").expand(b, h, i, -1),
+                       q.new_zeros(()).expand(b, h, i, width - e)), dim=-1)
+        k = torch.cat((k, k_extra, k.new_zeros(()).expand(*k.shape[:-1], width - e)), dim=-1)
+        v = F.pad(v, (0, width - e_v))
+        return self.dot_product(q, k, v, mask=mask, scale=2 * scale)[..., :e_v]
+
+    def dot_product(self, q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor | None = None,
+                    scale: float | None = None) -> Tensor:
+        """softmax(scale q.k) v on this backend's kernels (einsum for the written-out backends, SDPA
+        otherwise), whatever the backend's similarity: for callers that already put their
+        similarity in dot-product form (VNAttention's L2 attention with folded projections)."""
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        if self.backend in ("math", "l2_math"):
+            return self._written_out(q, k, v, mask=mask, scale=scale)
+        b, h, i, _ = q.shape
+        shared = k.shape[1] == 1 and h > 1
         if shared:
             q = rearrange(q, "b h i e -> b 1 (h i) e")
-        out = self._sdpa(q, k, v, mask=mask, scale=scale)
-        return out[..., :e_v].reshape(b, h, i, e_v)
+        out = self._sdpa(q, k, v, mask=_key_mask(mask), scale=scale)
+        return out.view(b, h, i, v.shape[-1]) if shared else out
+
+    def _written_out(self, q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor | None, scale: float,
+                     key_bias: Tensor | None = None) -> Tensor:
+        """softmax(scale (q.k - key_bias_j)) v with key_bias (b h j) or (b 1 j); q.k doubled when
+        key_bias is given (the L2 form 2 q.k - |k|^2)."""
+        self.last_kernel = "einsum"
+        b, h, i, _ = q.shape
+        j = k.shape[-2]
+        heads_as_rows = "b h i e -> b 1 (h i) e" if k.shape[1] == 1 and h > 1 else "b h i e -> b h i e"
+        sim = torch.matmul(rearrange(q, heads_as_rows), k.transpose(-1, -2)).view(b, h, i, j)
+        if key_bias is not None:
+            sim = 2 * sim - rearrange(key_bias, "b h j -> b h 1 j")
+        sim = sim * scale
+        mask = _key_mask(mask)
+        if mask is not None:
+            sim = sim.masked_fill(~mask, torch.finfo(sim.dtype).min)
+        attn = rearrange(sim.softmax(dim=-1).to(v.dtype), heads_as_rows)
+        return torch.matmul(attn, v).view(b, h, i, v.shape[-1])
 
     def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor | None, scale: float) -> Tensor:
         key = (q.device.type, q.dtype, q.shape[-1], v.shape[-1], mask is not None,
