@@ -111,6 +111,14 @@ def render(out_dir: Path = RESULTS) -> None:
                   "## Fraction of the measured float32 GEMM peak at the README configuration", "",
                   _table(readme.pivot_table(index="backend", columns="impl", values="peak_fraction",
                                             aggfunc="first").round(3)), ""]
+    paired = df[df["kind"] == "paired"]
+    if len(paired):
+        lines += ["## Paired speed-up over the original at the README configuration (float32, fwd+bwd)", "",
+                  "Steps of the two models alternate in one process; speed-up = median of the per-pair time "
+                  "ratios original / vnt, with quartiles.", "",
+                  _table(paired.set_index("backend")[["original_ms", "fwd_bwd_ms", "speedup_paired", "speedup_q1",
+                                                      "speedup_q3", "rounds"]]
+                         .rename(columns={"fwd_bwd_ms": "vnt_ms"}).round(2)), ""]
     if len(length):
         r = length.iloc[0]
         lines += [f"## Tokens/s (forward+backward) by backend and length ({_config(r)}, float32, eps 0)", "",
