@@ -6,12 +6,11 @@ per-pair time ratios. The readme rows of test_step time each model on its own.
 """
 import dataclasses
 import statistics
-import time
 
 import pytest
 
 from bench.cases import BACKENDS, README, Case
-from bench.measure import build, quartiles, step_fns, sync
+from bench.measure import build, quartiles, step_fns, time_fn
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -26,11 +25,7 @@ def test_paired_speedup(backend, benchmark, profile, rows):
     step_o = step_fns(model_o, coors, feats, theirs, dev)[1]
 
     def timed(fn) -> float:
-        sync(dev)
-        t = time.perf_counter()
-        fn()
-        sync(dev)
-        return time.perf_counter() - t
+        return time_fn(fn, rounds=1, warmup=0, device=dev)[0]
 
     for _ in range(profile["warmup"]):
         step_o()

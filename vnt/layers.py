@@ -206,9 +206,10 @@ class VNAttention(nn.Module):
 
     def _forward_folded(self, x: Tensor, *, mask: Tensor | None) -> Tensor:
         b, n, c, d = x.shape
-        w = rearrange(self.to_qkv.weight, "(p h e) d -> p h e d", h=self.heads, p=2 if self.tied_qk else 3)
+        h = self.heads
+        w = rearrange(self.to_qkv.weight, "(p h e) d -> p h e d", h=h, p=2 if self.tied_qk else 3)
         w_q, w_k, w_v = (w[0], w[0], w[1]) if self.tied_qk else w
-        w_o = rearrange(self.to_out.weight, "d (h e) -> h e d", h=self.heads)
+        w_o = rearrange(self.to_out.weight, "d (h e) -> h e d", h=h)
         qk_map = w_q.transpose(-1, -2) @ w_k                       # (h, d, d): q.k = (x qk_map) . x
         vo_map = w_v.transpose(-1, -2) @ w_o                       # (h, d, d): x vo_map = Wo Wv x
         scale = (c * self.dim_head) ** -0.5
@@ -217,31 +218,23 @@ class VNAttention(nn.Module):
             gram = torch.matmul(x.transpose(-1, -2), x)               # (b, n, d, d)
             k_sq = rearrange(F.linear(rearrange(gram, "b n d e -> b n (d e)"),
                                       rearrange(qk_map, "h d e -> h (d e)")), "b n h -> b h n")
-        if self.tied_qk and self.attend.uses_sdpa and self.heads <= d:
-            return self._folded_l2_on_sdpa(x, qk_map, vo_map, k_sq, mask=mask, scale=scale)
-        q = torch.matmul(rearrange(x, "b n c d -> b 1 (n c) d"), qk_map)  # (b, h, (n c), d)
-        q = rearrange(q, "b h (n c) d -> b h n (c d)", c=c)
+        # L2 on SDPA runs as dot-product attention on augmented features, sim_ij = 2 scale (q'_i . x_j -
+        # |q_j|^2 / 2), built without copying q: r extra coordinate rows (zero in x, hence zero in q')
+        # carry the augmentation. In q' head h writes -1 into slot h; in the shared keys/values the
+        # slots hold |q_j|^2 / 2 per head. r makes (c + r) d a multiple of 8 for the fused kernels;
+        # the extra rows of the output are dropped after the output map.
+        augment = self.tied_qk and self.attend.uses_sdpa and h <= d
+        r = next(r for r in range(1, 9 + h) if r * d >= h and (c + r) * d % 8 == 0) if augment else 0
+        q = torch.matmul(rearrange(F.pad(x, (0, 0, 0, r)) if r else x, "b n c d -> b 1 (n c) d"), qk_map)
+        q = rearrange(q, "b h (n c) d -> b h n (c d)", c=c + r)   # (b, h, n, (c d)), one map per head
         kv = rearrange(x, "b n c d -> b 1 n (c d)")
-        out = self.attend(q, kv, kv, mask=mask, scale=scale, k_sq=k_sq)
-        out = torch.matmul(rearrange(out, "b h n (c d) -> b h (n c) d", c=c), vo_map).sum(dim=1)
-        return rearrange(out, "b (n c) d -> b n c d", c=c)
-
-    def _folded_l2_on_sdpa(self, x: Tensor, qk_map: Tensor, vo_map: Tensor, k_sq: Tensor, *,
-                           mask: Tensor | None, scale: float) -> Tensor:
-        """L2 attention as dot-product attention on augmented features, built without copying q:
-        sim_ij = 2 scale (q'_i . x_j - |q_j|^2 / 2). r extra coordinate rows (zero in x) carry the
-        augmentation: in q' (computed from the zero rows, so zero) head h writes -1 into slot h; in
-        the shared keys/values the slots hold |q_j|^2 / 2 per head. r makes (c + r) d a multiple of
-        8 for the fused kernels; the extra rows of the output are dropped after the output map."""
-        b, n, c, d = x.shape
-        h = self.heads
-        r = next(r for r in range(1, 9 + h) if r * d >= h and (c + r) * d % 8 == 0)
-        q = torch.matmul(rearrange(F.pad(x, (0, 0, 0, r)), "b n c d -> b 1 (n c) d"), qk_map)
-        q = rearrange(q, "b h (n c) d -> b h n (c d)", c=c + r)
-        q[..., c * d:c * d + h] = -torch.eye(h, dtype=q.dtype, device=q.device)[None, :, None, :]
-        k_extra = F.pad(rearrange(k_sq, "b h n -> b n h") / 2, (0, r * d - h))
-        kv = rearrange(torch.cat((rearrange(x, "b n c d -> b n (c d)"), k_extra), dim=-1), "b n e -> b 1 n e")
-        out = self.attend.dot_product(q, kv, kv, mask=mask, scale=2 * scale)
+        if augment:
+            q[..., c * d:c * d + h] = -torch.eye(h, dtype=q.dtype, device=q.device)[None, :, None, :]
+            k_extra = F.pad(rearrange(k_sq, "b h n -> b 1 n h") / 2, (0, r * d - h))
+            kv = torch.cat((kv, k_extra), dim=-1)
+            out = self.attend.dot_product(q, kv, kv, mask=mask, scale=2 * scale)
+        else:
+            out = self.attend(q, kv, kv, mask=mask, scale=scale, k_sq=k_sq)
         out = torch.matmul(rearrange(out, "b h n (c d) -> b h (n c) d", c=c + r), vo_map).sum(dim=1)
         return rearrange(out, "b (n c) d -> b n c d", c=c + r)[:, :, :c]
 
