@@ -65,3 +65,22 @@ def test_cpu_peak_memory_sees_quadratic_math_and_linear_sdpa():
         growth[backend] = math.log2(hi / lo)  # local exponent of n (committed run: math 1.85, sdpa 0.43)
     assert growth["math"] > 1.5, growth
     assert growth["sdpa"] < 1.2, growth
+
+
+def test_numerics_report_rows_and_summary(tmp_path):
+    """bench.numerics on a shrunken case list: every number present and the summary says how many seeds met 1e-5."""
+    import dataclasses
+
+    from bench import numerics
+    small = [dataclasses.replace(c, n=32, depth=2) for c in numerics.CASES
+             if c.case_id in ("vnt-math-nofusion-projected", "vnt-l2-fusion16", "original-math-fusion16")]
+    rows = [numerics.measure(case, seed) for case in small for seed in (0, 1)]
+    vnt_rows = [r for r in rows if r["impl"] == "vnt"]
+    for r in vnt_rows:
+        assert r["err_float64"] < 1e-6 < r["err_float32"] < 1, r
+        assert 0 < r["floor_inputs"] <= r["floor_activations"], r
+    import pandas as pd
+    summary = numerics.summarize(pd.DataFrame(rows))
+    assert list(summary["case"]) == [c.case_id for c in small]
+    assert summary.loc[summary.case == "original-math-fusion16", "float32 / activation floor"].item() == ""
+    assert all(s.endswith("/2") for s in summary["seeds <= 1e-05"])

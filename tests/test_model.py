@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from vnt import (VNAttention, VNInvariant, VNLinear, VNReLU, VNTransformer, VNTransformerConfig,
-                 equivariance_error)
+                 equivariance_error, rounding_floor)
 from vnt.equivariance import DTYPE_TOLERANCES
 from vnt.rotations import euler_rotation, random_rotations
 
@@ -217,30 +217,73 @@ def test_bias_epsilon_breaks_equivariance_growing_with_epsilon():
     assert all(b > a * 10 for a, b in zip(errs, errs[1:])), errs
 
 
-def test_float32_deep_long_equivariance():
-    """depth 4, n = 256, float32: the issue's target is 1e-5 relative.
+DEEP = dict(dim=32, depth=4, dim_head=16, heads=4)  # the issue's float32 check: depth 4, n = 256
 
-    Measured on this CPU: ~1e-5 to 3e-5 with early fusion, ~1e-3 without (see the README's
-    'numerics' note): rounding noise is amplified by the attention's cancelling averages and the
-    VN layer norm. This test pins the level reached so a regression (or a broken layer, which
-    gives O(1)) fails; test_float32_target_1e5 below records the unmet target."""
+
+def deep_case(backend, fusion, fold=None):
+    model = VNTransformer(**DEEP, dim_feat=fusion, attn_backend=backend, attn_fold=fold)
     coors = torch.randn(2, 256, 3)
-    for fusion, bound in ((16, 2e-4), (None, 1e-2)):
-        for backend in ("math", "sdpa"):
-            for fold in (False, True):
-                model = VNTransformer(dim=32, depth=4, dim_head=16, heads=4, dim_feat=fusion, attn_backend=backend,
-                                      attn_fold=fold)
-                feats = torch.randn(2, 256, fusion) if fusion else None
-                err = equivariance_error(model, coors, feats=feats, num_rotations=2)
-                assert err.rel < bound, (backend, fusion, fold, err)
+    feats = torch.randn(2, 256, fusion) if fusion else None
+    return model, coors, feats
 
 
-@pytest.mark.xfail(reason="issue target 1e-5 at depth 4 / n=256 in float32 is not met without fusion "
-                          "(measured ~1e-3); see README numerics note", strict=False)
+def rotations(seed=0):
+    return {"num_rotations": 2, "generator": torch.Generator().manual_seed(seed)}
+
+
+@pytest.mark.parametrize("fusion", [None, 16], ids=["fusion_off", "fusion_on"])
+@pytest.mark.parametrize("backend, fold", [("math", False), ("math", True), ("sdpa", False), ("sdpa", True),
+                                           ("l2", None)])
+def test_float32_deep_long_equivariance(backend, fold, fusion):
+    """depth 4, n = 256, float32, every backend, fusion on and off.
+
+    The issue's target is 1e-5 relative; what float32 allows here is set by the function, not the
+    code: ``rounding_floor`` runs the same weights in float64 with only the inputs (and every VN
+    block's output) rounded to float32. Measured over 6 seeds (results/numerics): without fusion,
+    exact arithmetic on float32 *inputs* already gives 1.2e-5 - 5.3e-5, so no float32 implementation
+    of this function meets 1e-5 there (test_float32_target_1e5 records it). This test asserts what
+    the implementation controls: its float32 error is within 25x of the activation-rounding floor
+    (measured 1.0x - 17x), and the absolute levels reached (math/sdpa: 2e-4 with fusion, 1e-2
+    without), so that a regression, a sloppy low-precision op or a broken layer (O(1)) fails."""
+    model, coors, feats = deep_case(backend, fusion, fold)
+    err = equivariance_error(model, coors, feats=feats, **rotations()).rel
+    floor = rounding_floor(model, coors, feats=feats, activations=True, **rotations()).rel
+    assert err <= 25 * floor, (err, floor)
+    if backend != "l2":
+        assert err < (2e-4 if fusion else 1e-2), err
+
+
+def test_float32_target_is_below_the_input_rounding_floor_without_fusion():
+    """Why the 1e-5 target is not met without fusion: the exact function on float32-rounded inputs
+    misses it already (the VN layer norm amplifies the direction error of small channels)."""
+    model, coors, feats = deep_case("math", None)
+    floor = rounding_floor(model, coors, **rotations())
+    assert floor.rel > 1e-5, floor
+    assert rounding_floor(model, coors, dtype=torch.float64, **rotations()).rel < 1e-10
+
+
+def test_rounding_floor_rounds_only_what_it_says():
+    model = small_model("math", 8, dtype=torch.float32)
+    coors, feats, mask = inputs(dim_feat=8, dtype=torch.float32)
+    kw = dict(feats=feats, mask=mask, **rotations())
+    exact = rounding_floor(model, coors, dtype=torch.float64, activations=True, **kw).rel
+    f32_in = rounding_floor(model, coors, **kw).rel
+    f32_act = rounding_floor(model, coors, activations=True, **kw).rel
+    bf16_act = rounding_floor(model, coors, dtype=torch.bfloat16, activations=True, **kw).rel
+    assert exact < 1e-12
+    assert 1e-9 < f32_in < f32_act < 1e-4
+    assert bf16_act > 1e3 * f32_act
+    # the model itself is left as it was: float32, no hooks
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert not any(m._forward_hooks for m in model.modules())
+
+
+@pytest.mark.xfail(reason="issue target 1e-5 at depth 4 / n=256 in float32 is not met without fusion: "
+                          "measured 2e-4 - 3e-3 over 6 seeds, and exact arithmetic on float32 inputs already "
+                          "gives 1.2e-5 - 5.3e-5 (results/numerics)", strict=True)
 def test_float32_target_1e5():
-    coors = torch.randn(2, 256, 3)
-    model = VNTransformer(dim=32, depth=4, dim_head=16, heads=4, attn_backend="math")
-    assert equivariance_error(model, coors, num_rotations=2).rel <= 1e-5
+    model, coors, _ = deep_case("math", None)
+    assert equivariance_error(model, coors, **rotations()).rel <= 1e-5
 
 
 def test_vn_relu_projects_onto_plane_orthogonal_to_k():

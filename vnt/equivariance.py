@@ -9,18 +9,26 @@ where t' = t if the model is translation equivariant, else 0, and feature output
 to themselves unrotated. Input and output transforms are done in float64; the model runs in its
 own dtype (or under autocast, if the caller wraps the call). Only valid (unmasked) points count.
 ``rel`` divides by the largest absolute value of the expected output, so it is scale free.
+
+``rounding_floor`` measures how much of a low-precision error the function itself forces: the
+error of the same weights run in float64 when only the inputs (and, optionally, every VN block's
+output) are rounded to the low precision. An implementation that computed the function exactly
+from float32 inputs would still show the input-rounding floor; one that stores its activations in
+float32 (all practical ones) would still show about the activation-rounding floor.
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from vnt import layers
 from vnt.rotations import random_rotations
 
-__all__ = ["EquivarianceError", "equivariance_error", "DTYPE_TOLERANCES"]
+__all__ = ["EquivarianceError", "equivariance_error", "rounding_floor", "DTYPE_TOLERANCES"]
 
 # relative-error tolerances by dtype for equivariance tests (bias_epsilon = 0)
 DTYPE_TOLERANCES = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 5e-2}
@@ -40,6 +48,7 @@ def _split(out):
 def equivariance_error(model, coors: Tensor, *, feats: Tensor | None = None, mask: Tensor | None = None,
                        num_rotations: int = 4, translate: bool = False, translation_scale: float = 10.0,
                        output_translates: bool | None = None, autocast_dtype: torch.dtype | None = None,
+                       input_dtype: torch.dtype | None = None,
                        generator: torch.Generator | None = None) -> EquivarianceError:
     """Max relative and absolute error of ``model`` under ``num_rotations`` random rotations.
 
@@ -49,6 +58,8 @@ def equivariance_error(model, coors: Tensor, *, feats: Tensor | None = None, mas
     translate: add a different random translation per sample (SE(3) check). Whether the output
       should move with it is read from ``model.config.translation_equivariance`` unless
       ``output_translates`` says.
+    input_dtype: round the transformed coordinates to this dtype before casting them to the model's
+      dtype (e.g. float32 inputs for a float64 model); default: straight to the model's dtype.
     """
     if coors.ndim != 3 or coors.shape[-1] != 3:
         raise ValueError(f"coors must have shape (batch, points, 3), got {tuple(coors.shape)}")
@@ -64,6 +75,8 @@ def equivariance_error(model, coors: Tensor, *, feats: Tensor | None = None, mas
 
     def run(x):
         with torch.no_grad(), autocast:
+            if input_dtype is not None:
+                x = x.to(input_dtype)
             return _split(model(x.to(run_dtype), feats=feats, mask=mask))
 
     c0, f0 = run(x64)
@@ -89,3 +102,45 @@ def equivariance_error(model, coors: Tensor, *, feats: Tensor | None = None, mas
         abs_err = max(abs_err, d)
         rel = max(rel, d / max(scale, torch.finfo(torch.float64).tiny))
     return EquivarianceError(rel=rel, abs=abs_err, num_rotations=num_rotations)
+
+
+def _vn_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The outermost VN building blocks of ``model``: the tensors a forward pass stores between them."""
+    kinds = (layers.VNLinear, layers.VNReLU, layers.VNLayerNorm, layers.VNFeedForward, layers.VNAttention,
+             layers.VNWeightedPool, layers.VNInvariant)
+    blocks: list[torch.nn.Module] = []
+
+    def visit(module):
+        for child in module.children():
+            if isinstance(child, kinds):
+                blocks.append(child)
+            else:
+                visit(child)
+
+    visit(model)
+    return blocks
+
+
+def rounding_floor(model, coors: Tensor, *, feats: Tensor | None = None, mask: Tensor | None = None,
+                   dtype: torch.dtype = torch.float32, activations: bool = False, **kwargs) -> EquivarianceError:
+    """The equivariance error that rounding to ``dtype`` alone causes, with exact arithmetic otherwise.
+
+    Runs a float64 copy of ``model`` (same weights; ``model`` is not changed) on coordinates rounded
+    to ``dtype`` after the rotation. With ``activations=True`` the output of every outermost VN block
+    (linear maps, norms, attention, feed-forward) is also rounded to ``dtype``, i.e. the model stores
+    its activations in ``dtype`` but computes each block exactly. Compare with
+    ``equivariance_error(model, ...)`` at ``dtype``: the gap is what the implementation adds.
+    Other keyword arguments go to ``equivariance_error``.
+    """
+    ref = copy.deepcopy(model).to(torch.float64)
+    handles = []
+    if activations:
+        def round_output(module, args, out):
+            return out.to(dtype).to(torch.float64)
+        handles = [block.register_forward_hook(round_output) for block in _vn_blocks(ref)]
+    try:
+        feats64 = feats.to(dtype).to(torch.float64) if feats is not None and feats.is_floating_point() else feats
+        return equivariance_error(ref, coors, feats=feats64, mask=mask, input_dtype=dtype, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
