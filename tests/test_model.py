@@ -426,6 +426,29 @@ def test_flags_map_to_backends_and_kernel_is_reported():
     assert only_math.encoder.attention_kernels() == ["math"]
 
 
+@pytest.mark.parametrize("backend, fold", [("math", False), ("sdpa", False), ("sdpa", True), ("l2", True),
+                                           ("l2_math", False)])
+def test_forward_and_backward_trace_whole_under_torch_compile(backend, fold):
+    """No host synchronisation and no data-dependent Python branch in forward: torch.compile with
+    fullgraph=True raises on any graph break (.item(), a branch on a tensor value, kernel probing).
+    Traced cold, so the SDPA backends take the no-probe path; outputs and gradients equal eager."""
+    model = small_model(backend, 4, dtype=torch.float32, attn_fold=fold, translation_equivariance=True,
+                        dim_head=16)
+    coors, feats, mask = inputs(dim_feat=4, dtype=torch.float32)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    grads = []
+    for fn in (compiled, model):
+        model.zero_grad()
+        out = fn(coors, feats=feats, mask=mask)[0]
+        out[mask].square().sum().backward()
+        grads.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
+    (out_c, grad_c), (out_e, grad_e) = grads
+    torch.testing.assert_close(out_c, out_e)
+    for a, b in zip(grad_c, grad_e):
+        torch.testing.assert_close(a, b)
+
+
 def test_config_round_trip():
     model = VNTransformer(dim=8, depth=1, dim_feat=4, bias_epsilon=1e-4, attn_backend="sdpa")
     cfg = VNTransformerConfig.from_dict(model.config.to_dict())

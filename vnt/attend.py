@@ -17,6 +17,7 @@ itself. The heads are then folded into the query rows, so no head-sized copy of 
 """
 from __future__ import annotations
 
+import inspect
 import warnings
 
 import torch
@@ -35,6 +36,16 @@ _KERNELS = {
     "math": SDPBackend.MATH,
     "cudnn": SDPBackend.CUDNN_ATTENTION,
 }
+
+
+_SET_PRIORITY = "set_priority" in inspect.signature(sdpa_kernel).parameters  # torch >= 2.6
+
+
+def _sdpa_kernel(backends: list[SDPBackend]):
+    """``sdpa_kernel`` with the list's order as the dispatcher's priority, where torch supports it."""
+    if len(backends) > 1 and _SET_PRIORITY:
+        return sdpa_kernel(backends, set_priority=True)
+    return sdpa_kernel(backends)
 
 
 def resolve_backend(*, attn_backend: str | None, flash_attn: bool, l2_dist_attn: bool) -> str:
@@ -155,8 +166,16 @@ class Attend(nn.Module):
         key = (q.device.type, q.dtype, q.shape[-1], v.shape[-1], mask is not None,
                torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
         cached = self._kernel_cache.get(key)
-        candidates = (cached,) if cached is not None else self.sdpa_kernels
-        for name in candidates:
+        if cached is not None or torch.compiler.is_compiling():
+            # a kernel known to serve these inputs; or a torch.compile trace, which cannot probe
+            # (try/except): it gets the same preference order and the dispatcher takes the first
+            # kernel that can run, and last_kernel is None unless an eager call found it before
+            names = (cached,) if cached is not None else self.sdpa_kernels
+            with _sdpa_kernel([_KERNELS[name] for name in names]):
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+            self.last_kernel = cached
+            return out
+        for name in self.sdpa_kernels:
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # torch warns why each refused kernel was refused
@@ -169,6 +188,6 @@ class Attend(nn.Module):
             self._kernel_cache[key] = name
             self.last_kernel = name
             return out
-        raise RuntimeError(f"none of the SDPA kernels {candidates} can run these inputs "
+        raise RuntimeError(f"none of the SDPA kernels {self.sdpa_kernels} can run these inputs "
                            f"(q {tuple(q.shape)} {q.dtype} on {q.device.type}, mask={mask is not None}); "
                            f"add 'math' to sdpa_kernels")
