@@ -57,6 +57,9 @@ def test_two_process_run_writes_the_run_directory(two_proc_run):
     assert summary["world_size"] == 2 and summary["steps"] == 8
     for key in ("final_loss", "val_rmsd_noisy", "val_rmsd_denoised", "tokens_per_s"):
         assert summary[key] == summary[key] and summary[key] > 0, key  # finite and positive
+    # the trained denoiser's SE(3) error is measured and small (float32; its floor is below it)
+    assert summary["equiv_dtype"] == "float32" and summary["equiv_points"] > 0
+    assert 0 < summary["equiv_rel_err_input_rounding_floor"] <= summary["equiv_rel_err"] < 1e-3, summary
     cfg = json.loads((run_dir / "config.json").read_text())
     assert cfg["deepspeed"]["train_batch_size"] == 2 * 1 * 2  # micro x accumulation x world
     assert cfg["config"]["model"]["dim"] == 8

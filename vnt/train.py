@@ -29,6 +29,7 @@ import torch
 
 from vnt.data import (NUM_ATOMS, NUM_RESIDUE_TOKENS, DataConfig, ProteinBatches, ShardedBatchSampler,
                       load_proteins, validation_batches)
+from vnt.equivariance import equivariance_error, rounding_floor
 from vnt.model import VNTransformer, VNTransformerConfig
 
 
@@ -393,6 +394,34 @@ class Trainer:
         return {"val_rmsd_noisy": noisy_rmsd, "val_rmsd_denoised": den_rmsd,
                 "val_rmsd_ratio": den_rmsd / noisy_rmsd if noisy_rmsd else float("nan"), "val_atoms": int(t[2].item())}
 
+    @torch.no_grad()
+    def measure_equivariance(self) -> dict:
+        """SE(3) check of the trained denoiser on the first validation batch: 4 Haar-random rotations
+        and a different random translation per protein (its displacement output must rotate and not
+        move), in the model's dtype; and the same for exact arithmetic on inputs rounded to that dtype
+        (``vnt.rounding_floor``), the part of the error the function itself forces."""
+        run = self.cfg.run
+        module = self.engine.module
+        batch = next(iter(validation_batches(self.val, max_length=self.cfg.data.max_length,
+                                             batch_size=self.cfg.data.batch_size)))
+        noisy, _, tokens, mask = model_inputs(batch, sigma=run.sigma, generator=torch.Generator().manual_seed(run.seed))
+        coors, tokens, mask = (noisy * run.coord_scale).to(self.device), tokens.to(self.device), mask.to(self.device)
+        dtype = next(module.parameters()).dtype
+
+        class Displacement(torch.nn.Module):  # the call equivariance_error makes
+            def __init__(self):
+                super().__init__()
+                self.denoiser = module
+
+            def forward(self, c, feats=None, mask=None):
+                return self.denoiser(c, tokens=feats, mask=mask)
+
+        kw = dict(feats=tokens, mask=mask, num_rotations=4, translate=True, output_translates=False)
+        err = equivariance_error(Displacement(), coors, generator=torch.Generator().manual_seed(run.seed), **kw)
+        floor = rounding_floor(Displacement(), coors, dtype=dtype, generator=torch.Generator().manual_seed(run.seed), **kw)
+        return {"equiv_rel_err": err.rel, "equiv_rel_err_input_rounding_floor": floor.rel,
+                "equiv_dtype": str(dtype).removeprefix("torch."), "equiv_points": int(mask.sum())}
+
     def fit(self) -> dict:
         run = self.cfg.run
         self.maybe_resume()
@@ -466,6 +495,7 @@ class Trainer:
                    "tokens": "backbone atoms", "sigma_A": run.sigma, "device": str(self.device),
                    "data": self.data_summary["source"], "run_dir": str(self.run_dir)}
         if self.is_main:
+            summary.update(self.measure_equivariance())
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
             self.log(json.dumps(summary))
         return summary
