@@ -124,8 +124,11 @@ def reference_check(case: Case, device: str) -> float:
     return (a - b).abs().max().item()
 
 
-def equivariance(case: Case, device: str, num_rotations: int = 3) -> float:
-    from vnt import equivariance_error
+def equivariance(case: Case, device: str, num_rotations: int = 3) -> tuple[float, float]:
+    """(error, floor): ``vnt.equivariance_error`` of the case's model in its dtype, and for vnt rows
+    ``vnt.rounding_floor`` (float64 arithmetic, inputs and every VN block's output rounded to that
+    dtype), NaN for the original package, whose blocks the floor does not know."""
+    from vnt import equivariance_error, rounding_floor
     model, coors, feats = build(case, device)
 
     class Wrap(torch.nn.Module):  # the original package takes the same call
@@ -140,7 +143,11 @@ def equivariance(case: Case, device: str, num_rotations: int = 3) -> float:
     err = equivariance_error(target, coors, feats=feats, num_rotations=num_rotations,
                              autocast_dtype=None if case.dtype == "float32" else DTYPES[case.dtype],
                              generator=torch.Generator().manual_seed(0))
-    return err.rel
+    floor = float("nan")
+    if case.impl == "vnt":
+        floor = rounding_floor(model, coors, feats=feats, dtype=DTYPES[case.dtype], activations=True,
+                               num_rotations=num_rotations, generator=torch.Generator().manual_seed(0)).rel
+    return err.rel, floor
 
 
 def peak_memory_mib(case: Case, device: str) -> tuple[float, str]:
@@ -214,7 +221,7 @@ def measure(case: Case, *, device: str, rounds: int, warmup: int, peaks: dict[st
             t_fb = time_fn(fb, rounds=rounds, warmup=warmup, device=device)
         flops = count_flops(case, device)
         mem, mem_method = peak_memory_mib(case, device)
-        row["equiv_rel_err"] = equivariance(case, device)
+        row["equiv_rel_err"], row["equiv_floor_rel_err"] = equivariance(case, device)
     except torch.OutOfMemoryError:
         return {**row, "status": "oom"}
     fb_med = statistics.median(t_fb)

@@ -18,7 +18,7 @@ COLUMNS = [  # the tidy schema; results/README.md explains each
     "kind", "group", "case_id", "impl", "backend", "bias_epsilon", "dtype", "n", "batch", "fusion", "dim", "depth", "heads",
     "dim_head", "dim_feat", "device", "status", "rounds", "warmup", "fwd_ms", "fwd_ms_q1", "fwd_ms_q3",
     "fwd_bwd_ms", "fwd_bwd_ms_q1", "fwd_bwd_ms_q3", "tokens_per_s", "fwd_bwd_gflop", "achieved_gflop_per_s",
-    "gemm_peak_gflop_per_s", "peak_fraction", "peak_mem_mib", "mem_method", "equiv_rel_err",
+    "gemm_peak_gflop_per_s", "peak_fraction", "peak_mem_mib", "mem_method", "equiv_rel_err", "equiv_floor_rel_err",
     "max_abs_diff_vs_math", "world_size", "steps_per_s", "scaling_efficiency",
 ]
 
@@ -95,7 +95,9 @@ def render(out_dir: Path = RESULTS) -> None:
              "FLOPs are counted by `torch.utils.flop_counter.FlopCounterMode` on one forward+backward of the same model "
              "on its written-out attention path (the counter does not see inside fused SDPA kernels); "
              "`peak_fraction` divides achieved FLOP/s by a dense GEMM measured in the same run and dtype. "
-             "Equivariance error: `vnt.equivariance_error`, max relative error over 3 Haar-random rotations. "
+             "Equivariance error: `vnt.equivariance_error`, max relative error over 3 Haar-random rotations; "
+             "its floor (vnt rows): `vnt.rounding_floor`, the same weights in float64 with the inputs and every VN "
+             "block's output rounded to the row's dtype, i.e. what the function forces at that storage precision. "
              "bfloat16 runs under autocast over float32 weights.", ""]
     if len(readme):
         r = readme.iloc[0]
@@ -134,6 +136,9 @@ def render(out_dir: Path = RESULTS) -> None:
         lines += [f"## Equivariance error by bias epsilon, dtype and backend ({_config(r)}, n {int(r['n'])})", "",
                   _table(grid.pivot_table(index="bias_epsilon", columns=["dtype", "backend"], values="equiv_rel_err",
                                           aggfunc="max").map(lambda v: f"{v:.1e}")), "",
+                  "## Its floor: the same weights in float64, inputs and VN block outputs rounded to the dtype", "",
+                  _table(grid.pivot_table(index="bias_epsilon", columns=["dtype", "backend"],
+                                          values="equiv_floor_rel_err", aggfunc="max").map(lambda v: f"{v:.1e}")), "",
                   "## Forward+backward time by backend and dtype (ms, eps 0, same configuration)", "",
                   _table(grid[grid["bias_epsilon"] == 0].pivot_table(index="backend", columns="dtype",
                                                                      values="fwd_bwd_ms").round(1)), ""]

@@ -40,13 +40,20 @@ def test_tiny_sweep_report_has_the_columns_and_no_unexplained_nan(tmp_path):
     ok = df[df["status"] == "ok"]
     assert len(ok) == len(cases)
     measured = ["fwd_ms", "fwd_bwd_ms", "tokens_per_s", "fwd_bwd_gflop", "achieved_gflop_per_s", "peak_fraction",
-                "peak_mem_mib", "equiv_rel_err", "max_abs_diff_vs_math"]
+                "peak_mem_mib", "equiv_rel_err", "equiv_floor_rel_err", "max_abs_diff_vs_math"]
     assert not ok[measured].isna().any().any()
     assert (ok["fwd_bwd_gflop"] > 0).all() and (ok["peak_mem_mib"] >= 0).all()
     # eps = 0 is equivariant up to rounding; eps > 0 is not
     f32 = ok[ok["dtype"] == "float32"]
     assert f32[f32["bias_epsilon"] == 0]["equiv_rel_err"].max() < 1e-4
     assert f32[f32["bias_epsilon"] > 0]["equiv_rel_err"].min() > 1e-4
+    # the floor: below the error at eps = 0 (rounding only), the same size at eps > 0 (the bias dominates)
+    vnt = ok[ok["impl"] == "vnt"]
+    assert not vnt["equiv_floor_rel_err"].isna().any()
+    eps0 = f32[f32["bias_epsilon"] == 0]
+    assert (eps0["equiv_floor_rel_err"] <= eps0["equiv_rel_err"]).all()
+    biased = f32[f32["bias_epsilon"] > 0]
+    assert ((biased["equiv_floor_rel_err"] / biased["equiv_rel_err"]).between(0.5, 2.0)).all()
     # NaN only where the status says why
     assert (df[df["status"] != "ok"]["fwd_ms"].isna()).all()
     md = (tmp_path / "latest.md").read_text()
