@@ -25,9 +25,9 @@ from bench.cases import Case
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
-def build(case: Case, device: str = "cpu"):
+def build(case: Case, device: str = "cpu", *, seed: int = 0):
     """Model and inputs for a case (seeded)."""
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     kw = dict(dim=case.dim, depth=case.depth, heads=case.heads, dim_head=case.dim_head,
               dim_feat=case.dim_feat if case.fusion else None, bias_epsilon=case.bias_epsilon)
     if case.impl == "original":
@@ -124,22 +124,25 @@ def reference_check(case: Case, device: str) -> float:
     return (a - b).abs().max().item()
 
 
+class KeywordCall(torch.nn.Module):
+    """Calls a model as ``model(coors, feats=feats, mask=mask)``, the call ``equivariance_error`` makes
+    (the original package takes the same keywords but cannot be passed extra positional ones)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, coors, feats=None, mask=None):
+        return self.model(coors, feats=feats, mask=mask)
+
+
 def equivariance(case: Case, device: str, num_rotations: int = 3) -> tuple[float, float]:
     """(error, floor): ``vnt.equivariance_error`` of the case's model in its dtype, and for vnt rows
     ``vnt.rounding_floor`` (float64 arithmetic, inputs and every VN block's output rounded to that
     dtype), NaN for the original package, whose blocks the floor does not know."""
     from vnt import equivariance_error, rounding_floor
     model, coors, feats = build(case, device)
-
-    class Wrap(torch.nn.Module):  # the original package takes the same call
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, c, feats=None, mask=None):
-            return self.m(c, feats=feats, mask=mask)
-
-    target = model if case.impl == "vnt" else Wrap(model)
+    target = model if case.impl == "vnt" else KeywordCall(model)
     err = equivariance_error(target, coors, feats=feats, num_rotations=num_rotations,
                              autocast_dtype=None if case.dtype == "float32" else DTYPES[case.dtype],
                              generator=torch.Generator().manual_seed(0))

@@ -20,81 +20,41 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from bench.cases import Case
+from bench.measure import KeywordCall, build
 from bench.report import environment
 
 OUT = Path(__file__).parents[1] / "results" / "numerics"
 TARGET = 1e-5  # the issue's float32 target at depth 4 / n = 256
 
 
-@dataclass(frozen=True)
-class NumericsCase:
-    impl: str              # "vnt" or "original"
-    backend: str           # "math", "sdpa", "l2"
-    dim_feat: int | None   # early fusion width, None = coordinates only
-    attn_fold: bool | None = None
-    dim: int = 32
-    depth: int = 4
-    heads: int = 4
-    dim_head: int = 16
-    n: int = 256
-    batch: int = 2
-    num_rotations: int = 2
-
-    @property
-    def case_id(self) -> str:
-        fold = {None: "", True: "-folded", False: "-projected"}[self.attn_fold]
-        fusion = f"fusion{self.dim_feat}" if self.dim_feat else "nofusion"
-        return f"{self.impl}-{self.backend}-{fusion}{fold}"
-
+# depth 4, n = 256: the issue's float32 check; dim 32 > dim_head 16, so attn_fold=None is projected
+DEEP = dict(dim=32, depth=4, heads=4, dim_head=16, dim_feat=16, n=256, batch=2, group="numerics")
+NUM_ROTATIONS = 2
 
 CASES = [
-    *(NumericsCase("vnt", backend, dim_feat, fold)
-      for dim_feat in (None, 16) for backend in ("math", "sdpa") for fold in (False, True)),
-    *(NumericsCase("vnt", "l2", dim_feat) for dim_feat in (None, 16)),
-    *(NumericsCase("original", backend, dim_feat) for dim_feat in (None, 16) for backend in ("math", "sdpa", "l2")),
+    *(Case(backend=backend, fusion=fusion, attn_fold=fold, **DEEP)
+      for fusion in (False, True) for backend in ("math", "sdpa") for fold in (False, True)),
+    *(Case(backend="l2", fusion=fusion, **DEEP) for fusion in (False, True)),
+    *(Case(impl="original", backend=backend, fusion=fusion, **DEEP)
+      for fusion in (False, True) for backend in ("math", "sdpa", "l2")),
 ]
 
 
-def build(case: NumericsCase, seed: int):
-    torch.manual_seed(seed)
-    kw = dict(dim=case.dim, depth=case.depth, heads=case.heads, dim_head=case.dim_head, dim_feat=case.dim_feat)
-    if case.impl == "original":
-        from VN_transformer import VNTransformer as Original
-        model = Original(**kw, flash_attn=case.backend == "sdpa", l2_dist_attn=case.backend == "l2")
-    else:
-        from vnt import VNTransformer
-        model = VNTransformer(**kw, attn_backend=case.backend, attn_fold=case.attn_fold)
-    coors = torch.randn(case.batch, case.n, 3)
-    feats = torch.randn(case.batch, case.n, case.dim_feat) if case.dim_feat else None
-    return model, coors, feats
-
-
-class _Keywords(torch.nn.Module):
-    """Calls the original package with the keyword call ``equivariance_error`` makes."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, coors, feats=None, mask=None):
-        return self.model(coors, feats=feats, mask=mask)
-
-
-def measure(case: NumericsCase, seed: int) -> dict:
+def measure(case: Case, seed: int) -> dict:
     from vnt import equivariance_error, rounding_floor
-    model, coors, feats = build(case, seed)
+    model, coors, feats = build(case, seed=seed)
 
     def rotations():  # the same rotations for every number of one row
-        return {"num_rotations": case.num_rotations, "generator": torch.Generator().manual_seed(seed)}
+        return {"num_rotations": NUM_ROTATIONS, "generator": torch.Generator().manual_seed(seed)}
 
-    row = {"case_id": case.case_id, **asdict(case), "seed": seed}
+    row = {"case_id": case.id, **case.to_dict(), "seed": seed}
     if case.impl == "original":
-        row["err_float32"] = equivariance_error(_Keywords(model), coors, feats=feats, **rotations()).rel
+        row["err_float32"] = equivariance_error(KeywordCall(model), coors, feats=feats, **rotations()).rel
         return row
     row["err_float32"] = equivariance_error(model, coors, feats=feats, **rotations()).rel
     row["floor_inputs"] = rounding_floor(model, coors, feats=feats, **rotations()).rel
@@ -132,7 +92,7 @@ def main(argv=None) -> Path:
         for seed in range(args.seeds):
             rows.append(measure(case, seed))
             r = rows[-1]
-            print(f"{case.case_id:32s} seed {seed}  float32 {r['err_float32']:.1e}  "
+            print(f"{case.id:50s} seed {seed}  float32 {r['err_float32']:.1e}  "
                   f"floor(inputs) {r.get('floor_inputs', float('nan')):.1e}  "
                   f"floor(activations) {r.get('floor_activations', float('nan')):.1e}", flush=True)
     df = pd.DataFrame(rows)
@@ -141,7 +101,7 @@ def main(argv=None) -> Path:
     protocol = {"command": "python -m bench.numerics" + (f" --seeds {args.seeds}" if args.seeds != 6 else ""),
                 "seeds": args.seeds, "target": TARGET,
                 "metric": "max |f(x R^T) - f(x) R^T| over valid points / max |f(x) R^T|, max over rotations; "
-                          "transforms in float64", "cases": [asdict(c) for c in CASES]}
+                          "transforms in float64", "num_rotations": NUM_ROTATIONS, "cases": [c.to_dict() for c in CASES]}
     meta = {**environment(), **protocol}
     (args.out / "latest.meta.json").write_text(json.dumps(meta, indent=2))
     summary = summarize(df)
@@ -151,7 +111,8 @@ def main(argv=None) -> Path:
         f"Written by `{protocol['command']}` at commit {meta['git_commit']} on {meta['date']} "
         f"({meta['cpu'] or meta['device']}, {meta['torch_threads']} threads, torch {meta['torch']}).",
         "",
-        f"Depth 4, n = 256, batch 2, dim 32, 4 heads x 16, {CASES[0].num_rotations} Haar-random rotations, "
+        f"Depth 4, n = 256, batch 2, dim 32, 4 heads x 16, dim_feat 16 where fused, {NUM_ROTATIONS} Haar-random "
+        "rotations, "
         f"seeds 0-{args.seeds - 1} (fresh weights and inputs per seed), fan-in initialisation (untrained). "
         "Relative error = max abs deviation over valid points / max abs expected output. "
         "`floor_inputs`: the same weights in float64 on float32-rounded coordinates (what exact arithmetic on "
