@@ -96,13 +96,14 @@ def main(argv=None) -> Path:
                   f"floor(inputs) {r.get('floor_inputs', float('nan')):.1e}  "
                   f"floor(activations) {r.get('floor_activations', float('nan')):.1e}", flush=True)
     df = pd.DataFrame(rows)
+    env = environment()  # before writing anything, so the commit is not reported dirty by this run's own files
     args.out.mkdir(parents=True, exist_ok=True)
     df.to_csv(args.out / "latest.csv", index=False)
     protocol = {"command": "python -m bench.numerics" + (f" --seeds {args.seeds}" if args.seeds != 6 else ""),
                 "seeds": args.seeds, "target": TARGET,
                 "metric": "max |f(x R^T) - f(x) R^T| over valid points / max |f(x) R^T|, max over rotations; "
                           "transforms in float64", "num_rotations": NUM_ROTATIONS, "cases": [c.to_dict() for c in CASES]}
-    meta = {**environment(), **protocol}
+    meta = {**env, **protocol}
     (args.out / "latest.meta.json").write_text(json.dumps(meta, indent=2))
     summary = summarize(df)
     lines = [
