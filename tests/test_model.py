@@ -447,6 +447,16 @@ def test_flags_map_to_backends_and_kernel_is_reported():
     only_math = VNTransformer(dim=8, depth=1, dim_head=4, heads=2, flash_attn=True, sdpa_kernels=("math",))
     only_math(torch.randn(1, 6, 3))
     assert only_math.encoder.attention_kernels() == ["math"]
+    # a kernel that cannot serve the inputs (no memory-efficient kernel on CPU) falls back, and says so;
+    # a remembered kernel that stops serving them is tried first, then the others
+    fallback = VNTransformer(dim=8, depth=1, dim_head=4, heads=2, flash_attn=True, sdpa_kernels=("efficient", "math"))
+    fallback(torch.randn(1, 6, 3))
+    if not torch.cuda.is_available():
+        assert fallback.encoder.attention_kernels() == ["math"]
+        attend = fallback.encoder.layers[0][0].attend
+        attend._kernel_cache = {key: "efficient" for key in attend._kernel_cache}
+        fallback(torch.randn(1, 6, 3))
+        assert fallback.encoder.attention_kernels() == ["math"]
 
 
 @pytest.mark.parametrize("backend, fold", [("math", False), ("sdpa", False), ("sdpa", True), ("l2", True),

@@ -166,16 +166,18 @@ class Attend(nn.Module):
         key = (q.device.type, q.dtype, q.shape[-1], v.shape[-1], mask is not None,
                torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
         cached = self._kernel_cache.get(key)
-        if cached is not None or torch.compiler.is_compiling():
-            # a kernel known to serve these inputs; or a torch.compile trace, which cannot probe
-            # (try/except): it gets the same preference order and the dispatcher takes the first
-            # kernel that can run, and last_kernel is None unless an eager call found it before
+        if torch.compiler.is_compiling():
+            # a torch.compile trace cannot probe (try/except): it gets the known kernel, or the
+            # preference order with the dispatcher taking the first kernel that can run (then
+            # last_kernel is None: no eager call has found it yet)
             names = (cached,) if cached is not None else self.sdpa_kernels
             with _sdpa_kernel([_KERNELS[name] for name in names]):
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
             self.last_kernel = cached
             return out
-        for name in self.sdpa_kernels:
+        # eager: the kernel that served these inputs before goes first; the rest in preference order
+        names = self.sdpa_kernels if cached is None else (cached, *(n for n in self.sdpa_kernels if n != cached))
+        for name in names:
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # torch warns why each refused kernel was refused
