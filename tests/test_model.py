@@ -195,20 +195,11 @@ def test_attend_shared_keys_equal_per_head_copies(backend):
         torch.testing.assert_close(attend(q, kv, kv, mask=mask, scale=0.3, k_sq=k_sq), sim.softmax(-1) @ expanded)
 
 
-def test_l2_attention_is_l2_distance():
-    """'l2' (augmented SDPA) equals softmax(-scale |q - k|^2) written with cdist."""
-    from vnt.attend import Attend
-    q = torch.randn(2, 3, 10, 12, dtype=torch.float64)
-    v = torch.randn(2, 3, 10, 12, dtype=torch.float64)
-    out = Attend(backend="l2")(q, q, v)
-    sim = -torch.cdist(q, q) ** 2 * 12 ** -0.5
-    torch.testing.assert_close(out, sim.softmax(-1) @ v)
-
-
-def test_l2_attention_scales_the_whole_squared_distance():
-    """Difference 8: 0.1.0 scaled only the 2 q.k term, softmax(2 q.k / sqrt(e) - |q|^2 - |k|^2), which
+def test_l2_attention_is_the_scaled_l2_distance():
+    """'l2' (augmented SDPA) and 'l2_math' equal softmax(-|q - k|^2 / sqrt(e)) written with cdist.
+    Difference 8: 0.1.0 scaled only the 2 q.k term, softmax(2 q.k / sqrt(e) - |q|^2 - |k|^2), which
     at VN head dims (e = coordinate axis x dim_head, ~10^2 - 10^3) ranks keys by their norms more
-    than by their distance to q. vnt's l2 is softmax(-|q - k|^2 / sqrt(e)) on every path."""
+    than by their distance to q."""
     from vnt.attend import Attend
     e = 3 * 16
     q = torch.randn(2, 3, 10, e, dtype=torch.float64)
