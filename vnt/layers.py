@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from vnt.attend import DEFAULT_SDPA_KERNELS, Attend
+from vnt.attend import DEFAULT_SDPA_KERNELS, Attend, resolve_backend
 
 
 def _fan_in_normal_(weight: Tensor, fan_in: int) -> Tensor:
@@ -153,6 +153,15 @@ class VNAttention(nn.Module):
     features, whose inner products are rotation invariant. ``num_latents`` turns it into
     perceiver-style cross attention from pooled latents (b, m, c, d) to the sequence.
 
+    Keywords of the original package are accepted: ``l2_dist_attn=True`` means ``attn_backend="l2"``,
+    ``flash=True`` means ``"sdpa"``; ``dim_coor`` is the width c of the coordinate axis the attention
+    sees (3, or 3 + dim_feat with early fusion). It sets the initial scale of L2 attention's tied
+    query/key map: a point's squared distance to itself is 0 and to another point about
+    2 e var(q), e = c * dim_head, so at fan-in scale the softmax (scale e^-1/2) favours each point
+    itself by about 2 sqrt(e) nats (tens: saturated, a near-identity map whose outputs stay parallel
+    and whose gradients vanish). The tied map starts at (2 sqrt(e))^-1/2 times the fan-in scale,
+    which makes that margin about one nat for unit-variance features.
+
     Folded form (self attention without epsilon bias, ``dim <= dim_head``; same parameters, same
     function): with per-head maps Wq, Wk, Wv (dim_head x dim) and Wo (dim x dim_head),
         q_i . k_j = sum_c x_ic (Wq^T Wk) x_jc    and    Wo (sum_j a_ij Wv x_j) = (Wo Wv) sum_j a_ij x_j,
@@ -163,10 +172,14 @@ class VNAttention(nn.Module):
     projected form (tests compare the two).
     """
 
-    def __init__(self, dim: int, *, dim_head: int = 64, heads: int = 8, bias_epsilon: float = 0.0,
-                 attn_backend: str = "math", sdpa_kernels: tuple[str, ...] = DEFAULT_SDPA_KERNELS,
-                 num_latents: int | None = None, fold: bool | None = None):
+    def __init__(self, dim: int, *, dim_head: int = 64, heads: int = 8, dim_coor: int = 3, bias_epsilon: float = 0.0,
+                 attn_backend: str | None = None, l2_dist_attn: bool = False, flash: bool = False,
+                 sdpa_kernels: tuple[str, ...] = DEFAULT_SDPA_KERNELS, num_latents: int | None = None,
+                 fold: bool | None = None):
         super().__init__()
+        if dim_coor < 1:
+            raise ValueError(f"dim_coor must be a positive integer, got {dim_coor}")
+        attn_backend = resolve_backend(attn_backend=attn_backend, flash_attn=flash, l2_dist_attn=l2_dist_attn)
         self.heads = heads
         self.dim_head = dim_head
         dim_inner = dim_head * heads
@@ -182,6 +195,9 @@ class VNAttention(nn.Module):
         if num_latents is None:
             n_proj = 2 if self.tied_qk else 3
             self.to_qkv = VNLinear(dim, n_proj * dim_inner, bias_epsilon=bias_epsilon)
+            if self.tied_qk:  # see the class docstring: the self-distance must not saturate the softmax
+                with torch.no_grad():
+                    self.to_qkv.weight[:dim_inner].mul_((2 * math.sqrt(dim_coor * dim_head)) ** -0.5)
         else:
             self.to_q = VNLinear(dim, dim_inner, bias_epsilon=bias_epsilon)
             self.to_kv = VNLinear(dim, 2 * dim_inner, bias_epsilon=bias_epsilon)

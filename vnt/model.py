@@ -72,17 +72,24 @@ class VNTransformerConfig:
 
 
 class VNTransformerEncoder(nn.Module):
-    """depth x [x + LN(attn(x)), x + LN(ff(x))] on (b, n, c, d), post-norm as in the original."""
+    """depth x [x + LN(attn(x)), x + LN(ff(x))] on (b, n, c, d), post-norm as in the original.
 
-    def __init__(self, dim: int, *, depth: int, dim_head: int = 64, heads: int = 8, ff_mult: float = 4,
-                 final_norm: bool = False, bias_epsilon: float = 0.0, attn_backend: str = "math",
+    ``dim_coor`` is c (3, or 3 + dim_feat with early fusion); ``l2_dist_attn`` / ``flash_attn`` are
+    the original's names for ``attn_backend="l2"`` / ``"sdpa"``.
+    """
+
+    def __init__(self, dim: int, *, depth: int, dim_head: int = 64, heads: int = 8, dim_coor: int = 3,
+                 ff_mult: float = 4, final_norm: bool = False, bias_epsilon: float = 0.0,
+                 attn_backend: str | None = None, l2_dist_attn: bool = False, flash_attn: bool = False,
                  sdpa_kernels: tuple[str, ...] = DEFAULT_SDPA_KERNELS, relu_negative_slope: float = 0.0,
                  attn_fold: bool | None = None):
         super().__init__()
         self.dim = dim
+        self.dim_coor = dim_coor
+        attn_backend = resolve_backend(attn_backend=attn_backend, flash_attn=flash_attn, l2_dist_attn=l2_dist_attn)
         self.layers = nn.ModuleList([
             nn.ModuleList([
-                VNAttention(dim, dim_head=dim_head, heads=heads, bias_epsilon=bias_epsilon,
+                VNAttention(dim, dim_head=dim_head, heads=heads, dim_coor=dim_coor, bias_epsilon=bias_epsilon,
                             attn_backend=attn_backend, sdpa_kernels=sdpa_kernels, fold=attn_fold),
                 VNLayerNorm(dim),
                 VNFeedForward(dim, mult=ff_mult, bias_epsilon=bias_epsilon, negative_slope=relu_negative_slope),
@@ -93,8 +100,9 @@ class VNTransformerEncoder(nn.Module):
         self.norm = VNLayerNorm(dim) if final_norm else nn.Identity()
 
     def forward(self, x: Tensor, *, mask: Tensor | None = None) -> Tensor:
-        if x.ndim != 4 or x.shape[-1] != self.dim:
-            raise ValueError(f"expected x of shape (batch, points, coordinate axis, {self.dim}), got {tuple(x.shape)}")
+        if x.ndim != 4 or x.shape[-2:] != (self.dim_coor, self.dim):
+            raise ValueError(f"expected x of shape (batch, points, dim_coor, dim) = (batch, points, {self.dim_coor}, "
+                             f"{self.dim}), got {tuple(x.shape)}")
         for attn, attn_norm, ff, ff_norm in self.layers:
             x = attn_norm(attn(x, mask=mask)) + x
             x = ff_norm(ff(x)) + x
@@ -120,8 +128,8 @@ class VNTransformer(nn.Module):
         self.token_emb = nn.Embedding(cfg.num_tokens, cfg.dim_feat) if cfg.num_tokens is not None else None
         self.proj_in = VNLinear(1, dim, bias_epsilon=cfg.bias_epsilon)
         self.encoder = VNTransformerEncoder(
-            dim, depth=depth, dim_head=cfg.dim_head, heads=cfg.heads, ff_mult=cfg.ff_mult,
-            final_norm=cfg.final_norm, bias_epsilon=cfg.bias_epsilon, attn_backend=cfg.attn_backend,
+            dim, depth=depth, dim_head=cfg.dim_head, heads=cfg.heads, dim_coor=cfg.dim_coor_total,
+            ff_mult=cfg.ff_mult, final_norm=cfg.final_norm, bias_epsilon=cfg.bias_epsilon, attn_backend=cfg.attn_backend,
             sdpa_kernels=cfg.sdpa_kernels, relu_negative_slope=cfg.relu_negative_slope, attn_fold=cfg.attn_fold)
         if cfg.reduce_dim_out:
             self.out_norm = VNLayerNorm(dim)
