@@ -371,6 +371,20 @@ def test_softmax_is_not_saturated_at_init(backend, fusion):
         assert probs.diagonal(dim1=-2, dim2=-1).mean() < 0.1
 
 
+@pytest.mark.parametrize("dim_coor", [3, 67])
+def test_l2_init_gives_the_point_itself_a_one_nat_margin(dim_coor):
+    """VNAttention's docstring: on unit-variance features the tied map's initial scale makes
+    scale * mean_j |q_i - q_j|^2 (the point's own logit advantage) about 1, whatever dim_coor."""
+    from einops import rearrange
+    torch.manual_seed(0)
+    attn = VNAttention(64, dim_head=64, heads=8, dim_coor=dim_coor, attn_backend="l2")
+    with torch.no_grad():
+        q, _ = attn.to_qkv.split(torch.randn(2, 128, dim_coor, 64), 2)
+        q = rearrange(q, "b n c (h d) -> b h n (c d)", h=8)
+        margin = torch.cdist(q, q).square().sum(-1).mean() / 127 * q.shape[-1] ** -0.5
+    assert 0.8 < margin < 1.25, margin
+
+
 @pytest.mark.parametrize("fold", [False, True], ids=["projected", "folded"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_all_false_mask_gives_finite_outputs_and_grads(backend, fold):
