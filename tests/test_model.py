@@ -3,9 +3,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from einops import rearrange
 
-from vnt import (VNAttention, VNInvariant, VNLinear, VNReLU, VNTransformer, VNTransformerConfig,
-                 VNTransformerEncoder, equivariance_error, rounding_floor)
+from vnt import (VNAttention, VNFeedForward, VNInvariant, VNLayerNorm, VNLinear, VNReLU, VNTransformer,
+                 VNTransformerConfig, VNTransformerEncoder, VNWeightedPool, equivariance_error, rounding_floor)
 from vnt.equivariance import DTYPE_TOLERANCES
 from vnt.rotations import euler_rotation, random_rotations
 
@@ -350,7 +351,6 @@ def test_softmax_is_not_saturated_at_init(backend, fusion):
     """The original's randn weights put ~all weight on one key; L2 attention at fan-in scale put
     most weight on the query point itself (its distance to itself is 0): mean max probability
     0.58 without fusion and 1.00 with fusion here."""
-    from einops import rearrange
     torch.manual_seed(0)
     model = VNTransformer(dim=64, depth=1, dim_head=64, heads=8, dim_feat=fusion, attn_backend=backend)
     c = model.config.dim_coor_total
@@ -375,7 +375,6 @@ def test_softmax_is_not_saturated_at_init(backend, fusion):
 def test_l2_init_gives_the_point_itself_a_one_nat_margin(dim_coor):
     """VNAttention's docstring: on unit-variance features the tied map's initial scale makes
     scale * mean_j |q_i - q_j|^2 (the point's own logit advantage) about 1, whatever dim_coor."""
-    from einops import rearrange
     torch.manual_seed(0)
     attn = VNAttention(64, dim_head=64, heads=8, dim_coor=dim_coor, attn_backend="l2")
     with torch.no_grad():
@@ -468,6 +467,20 @@ def test_flags_map_to_backends_and_kernel_is_reported():
         attend._kernel_cache = {key: "efficient" for key in attend._kernel_cache}
         fallback(torch.randn(1, 6, 3))
         assert fallback.encoder.attention_kernels() == ["math"]
+
+
+@pytest.mark.parametrize("block", [
+    lambda: VNLinear(8, 4), lambda: VNReLU(8), lambda: VNLayerNorm(8), lambda: VNFeedForward(8),
+    lambda: VNAttention(8, dim_head=4, heads=2), lambda: VNWeightedPool(8), lambda: VNInvariant(8),
+], ids=["linear", "relu", "layer_norm", "feed_forward", "attention", "pool", "invariant"])
+def test_building_blocks_reject_the_original_layout(block):
+    """Features in the original's (b, n, channels, coordinates) layout raise ValueError naming ours."""
+    module = block()
+    ours = torch.randn(2, 5, 3, 8)
+    out = module(ours)
+    assert torch.isfinite(out).all()
+    with pytest.raises(ValueError, match=r"coordinate axis, 8\) with the channels last.*\(2, 5, 8, 3\)"):
+        module(rearrange(ours, "b n c d -> b n d c"))
 
 
 def test_building_blocks_take_the_original_keywords():

@@ -28,6 +28,15 @@ def _fan_in_normal_(weight: Tensor, fan_in: int) -> Tensor:
         return weight.normal_(0.0, 1.0 / math.sqrt(fan_in))
 
 
+def check_features(x: Tensor, dim: int, block: str, *, ndim: int | None = None) -> None:
+    """ValueError unless x is VN features (..., coordinate axis, dim channels): the original
+    package's blocks took (..., channels, coordinate axis), so a switched caller learns it here."""
+    if (ndim is not None and x.ndim != ndim) or x.ndim < 2 or x.shape[-1] != dim:
+        lead = "batch, points, " if ndim == 4 else "..., "
+        raise ValueError(f"{block} expects VN features of shape ({lead}coordinate axis, {dim}) with the channels "
+                         f"last (the original package put them before the coordinate axis), got {tuple(x.shape)}")
+
+
 class VNLinear(nn.Module):
     """(..., c, dim_in) -> (..., c, dim_out). ``bias_epsilon > 0`` adds a bias of norm epsilon to
     every coordinate component (the paper's epsilon-approximate equivariance)."""
@@ -46,6 +55,7 @@ class VNLinear(nn.Module):
         return F.normalize(self.bias, dim=-1) * self.bias_epsilon
 
     def forward(self, x: Tensor) -> Tensor:
+        check_features(x, self.weight.shape[1], "VNLinear")
         return F.linear(x, self.weight, self.effective_bias())
 
     def split(self, x: Tensor, parts: int) -> tuple[Tensor, ...]:
@@ -74,6 +84,7 @@ class VNReLU(nn.Module):
         self.weight = nn.Parameter(_fan_in_normal_(torch.empty(2 * dim, dim), dim))  # [W; U]
 
     def forward(self, x: Tensor) -> Tensor:
+        check_features(x, self.dim, "VNReLU")
         return self.activate(F.linear(x, self.weight))
 
     def activate(self, qk: Tensor) -> Tensor:
@@ -94,6 +105,7 @@ class VNLayerNorm(nn.Module):
         self.gamma = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
+        check_features(x, self.gamma.shape[0], "VNLayerNorm")
         # smooth norm: finite gradient at the zero vector (padding, empty samples)
         norms = (x * x).sum(dim=-2, keepdim=True).add(self.eps ** 2).sqrt()  # (..., 1, d)
         normed = F.layer_norm(norms, norms.shape[-1:], self.gamma, None, eps=self.eps)
@@ -117,6 +129,7 @@ class VNFeedForward(nn.Module):
         self.proj_out = VNLinear(dim_inner, dim, bias_epsilon=bias_epsilon)
 
     def forward(self, x: Tensor) -> Tensor:
+        check_features(x, self.proj_in.weight.shape[1], "VNFeedForward")
         weight = self.act.weight @ self.proj_in.weight           # (2 dim_inner, dim)
         bias = self.proj_in.effective_bias()
         if bias is not None:
@@ -137,6 +150,7 @@ class VNWeightedPool(nn.Module):
         self.squeeze = num_pooled_tokens == 1 and squeeze_out_pooled_dim
 
     def forward(self, x: Tensor, *, mask: Tensor | None = None) -> Tensor:
+        check_features(x, self.weight.shape[1], "VNWeightedPool", ndim=4)
         if mask is None:
             pooled = x.mean(dim=1)
         else:
@@ -180,6 +194,7 @@ class VNAttention(nn.Module):
         if dim_coor < 1:
             raise ValueError(f"dim_coor must be a positive integer, got {dim_coor}")
         attn_backend = resolve_backend(attn_backend=attn_backend, flash_attn=flash, l2_dist_attn=l2_dist_attn)
+        self.dim = dim
         self.heads = heads
         self.dim_head = dim_head
         dim_inner = dim_head * heads
@@ -204,6 +219,7 @@ class VNAttention(nn.Module):
         self.to_out = VNLinear(dim_inner, dim, bias_epsilon=bias_epsilon)
 
     def forward(self, x: Tensor, *, mask: Tensor | None = None) -> Tensor:
+        check_features(x, self.dim, "VNAttention", ndim=4)
         if self.fold:
             return self._forward_folded(x, mask=mask)
         # q, k, v share one parameter tensor; each is its own GEMM on a weight slice so that the
@@ -267,4 +283,5 @@ class VNInvariant(nn.Module):
         self.frame = nn.Sequential(VNLinear(dim, dim_coor), VNReLU(dim_coor))
 
     def forward(self, x: Tensor) -> Tensor:
+        check_features(x, self.frame[0].weight.shape[1], "VNInvariant", ndim=4)
         return torch.einsum("b n c d, b n c o -> b n d o", x, self.frame(x))
