@@ -132,15 +132,11 @@ def rounding_floor(model, coors: Tensor, *, feats: Tensor | None = None, mask: T
     ``equivariance_error(model, ...)`` at ``dtype``: the gap is what the implementation adds.
     Other keyword arguments go to ``equivariance_error``.
     """
-    ref = copy.deepcopy(model).to(torch.float64)
-    handles = []
+    ref = copy.deepcopy(model).to(torch.float64)  # a throwaway copy: its hooks go with it
     if activations:
         def round_output(module, args, out):
             return out.to(dtype).to(torch.float64)
-        handles = [block.register_forward_hook(round_output) for block in _vn_blocks(ref)]
-    try:
-        feats64 = feats.to(dtype).to(torch.float64) if feats is not None and feats.is_floating_point() else feats
-        return equivariance_error(ref, coors, feats=feats64, mask=mask, input_dtype=dtype, **kwargs)
-    finally:
-        for handle in handles:
-            handle.remove()
+        for block in _vn_blocks(ref):
+            block.register_forward_hook(round_output)
+    feats64 = feats.to(dtype).to(torch.float64) if feats is not None and feats.is_floating_point() else feats
+    return equivariance_error(ref, coors, feats=feats64, mask=mask, input_dtype=dtype, **kwargs)

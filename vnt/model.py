@@ -86,11 +86,11 @@ class VNTransformerEncoder(nn.Module):
         super().__init__()
         self.dim = dim
         self.dim_coor = dim_coor
-        attn_backend = resolve_backend(attn_backend=attn_backend, flash_attn=flash_attn, l2_dist_attn=l2_dist_attn)
         self.layers = nn.ModuleList([
             nn.ModuleList([
                 VNAttention(dim, dim_head=dim_head, heads=heads, dim_coor=dim_coor, bias_epsilon=bias_epsilon,
-                            attn_backend=attn_backend, sdpa_kernels=sdpa_kernels, fold=attn_fold),
+                            attn_backend=attn_backend, l2_dist_attn=l2_dist_attn, flash=flash_attn,
+                            sdpa_kernels=sdpa_kernels, fold=attn_fold),
                 VNLayerNorm(dim),
                 VNFeedForward(dim, mult=ff_mult, bias_epsilon=bias_epsilon, negative_slope=relu_negative_slope),
                 VNLayerNorm(dim),

@@ -416,9 +416,10 @@ class Trainer:
             def forward(self, c, feats=None, mask=None):
                 return self.denoiser(c, tokens=feats, mask=mask)
 
+        target = Displacement()
         kw = dict(feats=tokens, mask=mask, num_rotations=4, translate=True, output_translates=False)
-        err = equivariance_error(Displacement(), coors, generator=torch.Generator().manual_seed(run.seed), **kw)
-        floor = rounding_floor(Displacement(), coors, dtype=dtype, generator=torch.Generator().manual_seed(run.seed), **kw)
+        err = equivariance_error(target, coors, generator=torch.Generator().manual_seed(run.seed), **kw)
+        floor = rounding_floor(target, coors, dtype=dtype, generator=torch.Generator().manual_seed(run.seed), **kw)
         return {"equiv_rel_err": err.rel, "equiv_rel_err_input_rounding_floor": floor.rel,
                 "equiv_dtype": str(dtype).removeprefix("torch."), "equiv_points": int(mask.sum())}
 
