@@ -19,6 +19,7 @@ class Case:
     impl: str = "vnt"               # "vnt" | "original" (the VN-transformer 0.1.0 package)
     group: str = "grid"             # which question the row answers: grid | readme | length | fusion_off | ...
     attn_fold: bool | None = None   # vnt's folded attention; None: the model's default (dim <= dim_head)
+    norms: str = "vnt"              # vnt's VN-LayerNorm / VN-ReLU, or "paper": the paper's (vnt.PAPER_NORMS)
     dim: int = 64
     depth: int = 2
     heads: int = 8
@@ -31,6 +32,8 @@ class Case:
                  f"b{self.batch}", "fusion" if self.fusion else "nofusion"]
         if self.attn_fold is not None:
             parts.append("folded" if self.attn_fold else "projected")
+        if self.norms != "vnt":
+            parts.append(f"{self.norms}norms")
         return "-".join(parts)
 
     def to_dict(self) -> dict:

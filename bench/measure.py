@@ -34,8 +34,11 @@ def build(case: Case, device: str = "cpu", *, seed: int = 0):
         from VN_transformer import VNTransformer as Original
         model = Original(**kw, flash_attn=case.backend == "sdpa", l2_dist_attn=case.backend == "l2")
     else:
-        from vnt import VNTransformer
-        model = VNTransformer(**kw, attn_backend=case.backend, attn_fold=case.attn_fold)
+        from vnt import PAPER_NORMS, VNTransformer
+        if case.norms not in ("vnt", "paper"):
+            raise ValueError(f"Case.norms must be 'vnt' or 'paper', got {case.norms!r}")
+        norms = PAPER_NORMS if case.norms == "paper" else {}
+        model = VNTransformer(**kw, attn_backend=case.backend, attn_fold=case.attn_fold, **norms)
     model = model.to(device)
     coors = torch.randn(case.batch, case.n, 3, device=device)
     feats = torch.randn(case.batch, case.n, case.dim_feat, device=device) if case.fusion else None

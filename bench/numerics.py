@@ -40,6 +40,9 @@ CASES = [
     *(Case(backend=backend, fusion=fusion, attn_fold=fold, **DEEP)
       for fusion in (False, True) for backend in ("math", "sdpa") for fold in (False, True)),
     *(Case(backend="l2", fusion=fusion, **DEEP) for fusion in (False, True)),
+    # the paper's VN-LayerNorm and VN-ReLU (norm_subtract_mean=True, relu_k_norm_floor=0), same weights' shapes
+    *(Case(backend=backend, fusion=fusion, norms="paper", **DEEP)
+      for fusion in (False, True) for backend in ("math", "l2")),
     *(Case(impl="original", backend=backend, fusion=fusion, **DEEP)
       for fusion in (False, True) for backend in ("math", "sdpa", "l2")),
 ]

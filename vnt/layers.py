@@ -72,14 +72,25 @@ class VNReLU(nn.Module):
     q = W x, k = U x (one fused GEMM). Where <q, k> < 0, q is replaced by its projection onto the
     plane orthogonal to k: q - <q, k/|k|> k/|k|. ``negative_slope`` alpha mixes in q itself:
     out = alpha q + (1 - alpha) relu_vn(q, k)  (Deng et al. 2021, eq. 8).
+
+    ``k_norm_floor`` rho: a k shorter than rho times the RMS norm of its point's k vectors (over the
+    d channels) projects as if it had that length, q - <q, k> k / (rho^2 mean_d |k_d|^2). The
+    projection direction k/|k| of a near-zero k is rounding noise, and the exact map jumps from q to
+    its projection as k passes through zero; with the floor the map is continuous at k = 0 and its
+    sensitivity to k's direction is bounded by 1/rho, while every k of at least that length (~99%
+    of them at rho = 0.2 for isotropic 3-vectors) gets the exact projection, orthogonal to k.
+    ``k_norm_floor=0`` is the exact projection everywhere (the Vector Neurons formula).
     """
 
-    def __init__(self, dim: int, *, negative_slope: float = 0.0, eps: float = 1e-6):
+    def __init__(self, dim: int, *, negative_slope: float = 0.0, k_norm_floor: float = 0.2, eps: float = 1e-6):
         super().__init__()
         if not 0.0 <= negative_slope < 1.0:
             raise ValueError(f"negative_slope must be in [0, 1), got {negative_slope}")
+        if not 0.0 <= k_norm_floor < 1.0:
+            raise ValueError(f"k_norm_floor must be in [0, 1), got {k_norm_floor}")
         self.dim = dim
         self.negative_slope = negative_slope
+        self.k_norm_floor = k_norm_floor
         self.eps = eps
         self.weight = nn.Parameter(_fan_in_normal_(torch.empty(2 * dim, dim), dim))  # [W; U]
 
@@ -91,23 +102,38 @@ class VNReLU(nn.Module):
         """The nonlinearity on already-projected [q | k] (..., c, 2d) -> (..., c, d)."""
         q, k = qk.chunk(2, dim=-1)
         dot = (q * k).sum(dim=-2, keepdim=True)                        # (..., 1, d)
-        k_sq = (k * k).sum(dim=-2, keepdim=True).clamp(min=self.eps ** 2)
-        coef = dot.clamp(max=0.0) / k_sq * (1.0 - self.negative_slope)  # 0 where <q, k> >= 0
+        k_sq = (k * k).sum(dim=-2, keepdim=True)
+        if self.k_norm_floor > 0:
+            k_sq = torch.maximum(k_sq, k_sq.mean(dim=-1, keepdim=True) * self.k_norm_floor ** 2)
+        coef = dot.clamp(max=0.0) / k_sq.clamp(min=self.eps ** 2) * (1.0 - self.negative_slope)  # 0 where <q, k> >= 0
         return q - coef * k
 
 
 class VNLayerNorm(nn.Module):
-    """Layer norm on the per-channel vector norms; directions are kept. (..., c, d)."""
+    """Normalisation of the per-channel vector norms; directions are kept. (..., c, d).
 
-    def __init__(self, dim: int, *, eps: float = 1e-6):
+    Default (``subtract_mean=False``): x_d gamma_d / sqrt(mean_d |x_d|^2), an RMS norm over the d
+    channel norms of a point. It is continuous in x: a short channel vector stays short.
+    ``subtract_mean=True`` is the paper's VN-LayerNorm, x_d / |x_d| LayerNorm(|x_1|, ..., |x_D|)
+    (the original package's): it gives every channel a unit-order length whatever its own, so a
+    channel vector near zero comes out unit-order along its direction, which is rounding noise; the
+    map is discontinuous at the zero vector and amplifies float32 rounding by up to (typical norm /
+    shortest norm) per layer (README, "Numerics").
+    """
+
+    def __init__(self, dim: int, *, subtract_mean: bool = False, eps: float = 1e-6):
         super().__init__()
         self.eps = eps
+        self.subtract_mean = subtract_mean
         self.gamma = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
         check_features(x, self.gamma.shape[0], "VNLayerNorm")
+        sq = (x * x).sum(dim=-2, keepdim=True)                          # (..., 1, d)
+        if not self.subtract_mean:
+            return x * (self.gamma * torch.rsqrt(sq.mean(dim=-1, keepdim=True) + self.eps ** 2))
         # smooth norm: finite gradient at the zero vector (padding, empty samples)
-        norms = (x * x).sum(dim=-2, keepdim=True).add(self.eps ** 2).sqrt()  # (..., 1, d)
+        norms = (sq + self.eps ** 2).sqrt()
         normed = F.layer_norm(norms, norms.shape[-1:], self.gamma, None, eps=self.eps)
         return x * (normed / norms)
 
@@ -121,11 +147,12 @@ class VNFeedForward(nn.Module):
     multiply-adds per hidden unit.
     """
 
-    def __init__(self, dim: int, *, mult: float = 4, bias_epsilon: float = 0.0, negative_slope: float = 0.0):
+    def __init__(self, dim: int, *, mult: float = 4, bias_epsilon: float = 0.0, negative_slope: float = 0.0,
+                 k_norm_floor: float = 0.2):
         super().__init__()
         dim_inner = int(dim * mult)
         self.proj_in = VNLinear(dim, dim_inner, bias_epsilon=bias_epsilon)
-        self.act = VNReLU(dim_inner, negative_slope=negative_slope)
+        self.act = VNReLU(dim_inner, negative_slope=negative_slope, k_norm_floor=k_norm_floor)
         self.proj_out = VNLinear(dim_inner, dim, bias_epsilon=bias_epsilon)
 
     def forward(self, x: Tensor) -> Tensor:

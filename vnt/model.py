@@ -14,6 +14,10 @@ from vnt.attend import DEFAULT_SDPA_KERNELS, resolve_backend
 from vnt.layers import VNAttention, VNFeedForward, VNLayerNorm, VNLinear
 
 
+# the paper's (and the original package's) VN-LayerNorm and VN-ReLU: VNTransformer(..., **PAPER_NORMS)
+PAPER_NORMS = {"norm_subtract_mean": True, "relu_k_norm_floor": 0.0}
+
+
 @dataclass(frozen=True)
 class VNTransformerConfig:
     """Every hyper-parameter of a VNTransformer; checkpoints and reports record this."""
@@ -36,6 +40,8 @@ class VNTransformerConfig:
     attn_fold: bool | None = None         # folded (multi-query) attention; None: when dim <= dim_head
     ff_mult: float = 4
     relu_negative_slope: float = 0.0
+    relu_k_norm_floor: float = 0.2         # VNReLU; 0: the exact projection for every k (paper)
+    norm_subtract_mean: bool = False      # VNLayerNorm; True: the paper's (discontinuous) VN-LayerNorm
     final_norm: bool = False
 
     def __post_init__(self):
@@ -82,7 +88,7 @@ class VNTransformerEncoder(nn.Module):
                  ff_mult: float = 4, final_norm: bool = False, bias_epsilon: float = 0.0,
                  attn_backend: str | None = None, l2_dist_attn: bool = False, flash_attn: bool = False,
                  sdpa_kernels: tuple[str, ...] = DEFAULT_SDPA_KERNELS, relu_negative_slope: float = 0.0,
-                 attn_fold: bool | None = None):
+                 relu_k_norm_floor: float = 0.2, norm_subtract_mean: bool = False, attn_fold: bool | None = None):
         super().__init__()
         self.dim = dim
         self.dim_coor = dim_coor
@@ -91,13 +97,14 @@ class VNTransformerEncoder(nn.Module):
                 VNAttention(dim, dim_head=dim_head, heads=heads, dim_coor=dim_coor, bias_epsilon=bias_epsilon,
                             attn_backend=attn_backend, l2_dist_attn=l2_dist_attn, flash=flash_attn,
                             sdpa_kernels=sdpa_kernels, fold=attn_fold),
-                VNLayerNorm(dim),
-                VNFeedForward(dim, mult=ff_mult, bias_epsilon=bias_epsilon, negative_slope=relu_negative_slope),
-                VNLayerNorm(dim),
+                VNLayerNorm(dim, subtract_mean=norm_subtract_mean),
+                VNFeedForward(dim, mult=ff_mult, bias_epsilon=bias_epsilon, negative_slope=relu_negative_slope,
+                              k_norm_floor=relu_k_norm_floor),
+                VNLayerNorm(dim, subtract_mean=norm_subtract_mean),
             ])
             for _ in range(depth)
         ])
-        self.norm = VNLayerNorm(dim) if final_norm else nn.Identity()
+        self.norm = VNLayerNorm(dim, subtract_mean=norm_subtract_mean) if final_norm else nn.Identity()
 
     def forward(self, x: Tensor, *, mask: Tensor | None = None) -> Tensor:
         if x.ndim != 4 or x.shape[-2:] != (self.dim_coor, self.dim):
@@ -130,9 +137,10 @@ class VNTransformer(nn.Module):
         self.encoder = VNTransformerEncoder(
             dim, depth=depth, dim_head=cfg.dim_head, heads=cfg.heads, dim_coor=cfg.dim_coor_total,
             ff_mult=cfg.ff_mult, final_norm=cfg.final_norm, bias_epsilon=cfg.bias_epsilon, attn_backend=cfg.attn_backend,
-            sdpa_kernels=cfg.sdpa_kernels, relu_negative_slope=cfg.relu_negative_slope, attn_fold=cfg.attn_fold)
+            sdpa_kernels=cfg.sdpa_kernels, relu_negative_slope=cfg.relu_negative_slope,
+            relu_k_norm_floor=cfg.relu_k_norm_floor, norm_subtract_mean=cfg.norm_subtract_mean, attn_fold=cfg.attn_fold)
         if cfg.reduce_dim_out:
-            self.out_norm = VNLayerNorm(dim)
+            self.out_norm = VNLayerNorm(dim, subtract_mean=cfg.norm_subtract_mean)
             self.proj_out = VNLinear(dim, 1, bias_epsilon=cfg.bias_epsilon)
 
     @classmethod
