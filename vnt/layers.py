@@ -22,6 +22,10 @@ from torch import Tensor, nn
 from vnt.attend import DEFAULT_SDPA_KERNELS, Attend, resolve_backend
 
 
+# VNReLU's default k_norm_floor (its docstring says why); the model config and every block take it from here
+RELU_K_NORM_FLOOR = 0.2
+
+
 def _fan_in_normal_(weight: Tensor, fan_in: int) -> Tensor:
     """N(0, 1/fan_in): keeps activations O(1) through depth (the original used unscaled randn)."""
     with torch.no_grad():
@@ -82,7 +86,8 @@ class VNReLU(nn.Module):
     ``k_norm_floor=0`` is the exact projection everywhere (the Vector Neurons formula).
     """
 
-    def __init__(self, dim: int, *, negative_slope: float = 0.0, k_norm_floor: float = 0.2, eps: float = 1e-6):
+    def __init__(self, dim: int, *, negative_slope: float = 0.0, k_norm_floor: float = RELU_K_NORM_FLOOR,
+                 eps: float = 1e-6):
         super().__init__()
         if not 0.0 <= negative_slope < 1.0:
             raise ValueError(f"negative_slope must be in [0, 1), got {negative_slope}")
@@ -148,7 +153,7 @@ class VNFeedForward(nn.Module):
     """
 
     def __init__(self, dim: int, *, mult: float = 4, bias_epsilon: float = 0.0, negative_slope: float = 0.0,
-                 k_norm_floor: float = 0.2):
+                 k_norm_floor: float = RELU_K_NORM_FLOOR):
         super().__init__()
         dim_inner = int(dim * mult)
         self.proj_in = VNLinear(dim, dim_inner, bias_epsilon=bias_epsilon)

@@ -11,7 +11,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from vnt.attend import DEFAULT_SDPA_KERNELS, resolve_backend
-from vnt.layers import VNAttention, VNFeedForward, VNLayerNorm, VNLinear
+from vnt.layers import RELU_K_NORM_FLOOR, VNAttention, VNFeedForward, VNLayerNorm, VNLinear
 
 
 # the paper's (and the original package's) VN-LayerNorm and VN-ReLU: VNTransformer(..., **PAPER_NORMS)
@@ -40,7 +40,7 @@ class VNTransformerConfig:
     attn_fold: bool | None = None         # folded (multi-query) attention; None: when dim <= dim_head
     ff_mult: float = 4
     relu_negative_slope: float = 0.0
-    relu_k_norm_floor: float = 0.2         # VNReLU; 0: the exact projection for every k (paper)
+    relu_k_norm_floor: float = RELU_K_NORM_FLOOR  # VNReLU; 0: the exact projection for every k (paper)
     norm_subtract_mean: bool = False      # VNLayerNorm; True: the paper's (discontinuous) VN-LayerNorm
     final_norm: bool = False
 
@@ -88,7 +88,8 @@ class VNTransformerEncoder(nn.Module):
                  ff_mult: float = 4, final_norm: bool = False, bias_epsilon: float = 0.0,
                  attn_backend: str | None = None, l2_dist_attn: bool = False, flash_attn: bool = False,
                  sdpa_kernels: tuple[str, ...] = DEFAULT_SDPA_KERNELS, relu_negative_slope: float = 0.0,
-                 relu_k_norm_floor: float = 0.2, norm_subtract_mean: bool = False, attn_fold: bool | None = None):
+                 relu_k_norm_floor: float = RELU_K_NORM_FLOOR, norm_subtract_mean: bool = False,
+                 attn_fold: bool | None = None):
         super().__init__()
         self.dim = dim
         self.dim_coor = dim_coor
