@@ -40,3 +40,26 @@ def embedded(cache_dir):
     data = load_proteins(DataConfig(cache_dir=str(cache_dir)), progress=False)
     data.build_seconds = time.perf_counter() - t
     return data
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, cache_dir, embedded):
+    """trained(name, args, world=2) -> run dir of an uninterrupted 3-step run of the main job (a
+    checkpoint every step), launched once per session through launch/train.sh. Tests must not
+    change it: resume and damage tests work on copies (launching.copy_checkpoints)."""
+    pytest.importorskip("deepspeed")
+    from launching import launch, output
+
+    done: dict = {}
+
+    def get(name: str, args: list, *, world: int = 2):
+        key = (name, tuple(map(str, args)), world)
+        if key not in done:
+            run_dir = tmp_path_factory.mktemp("trained") / name
+            out = launch([*args, "--run-dir", run_dir, "--max-steps", 3, "--run-ckpt-every", 1], cache_dir,
+                         NUM_GPUS=world)
+            assert out.returncode == 0, output(out)
+            done[key] = run_dir
+        return done[key]
+
+    return get

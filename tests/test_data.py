@@ -91,26 +91,32 @@ def test_bucketing_cuts_padding(embedded):
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
-def test_shards_are_disjoint_complete_and_deterministic(world_size):
+def test_shards_are_disjoint_consecutive_and_deterministic(world_size):
     lengths = list(np.random.default_rng(0).integers(20, 300, size=37))
-    for epoch in (0, 1):
-        seen = []
+    kw = dict(batch_size=3, max_length=128, world_size=world_size, seed=5)
+    nb = ShardedBatchSampler(lengths, **kw).num_batches
+    assert nb == 13
+    for start in (0, 5, nb - 1):  # any position, including one a job of another world size left
+        steps = 2 * nb // world_size + 1
+        taken = []
         for rank in range(world_size):
-            s = ShardedBatchSampler(lengths, batch_size=3, max_length=128, rank=rank, world_size=world_size, seed=5)
-            batches = s.batches(epoch)
-            assert batches == ShardedBatchSampler(lengths, batch_size=3, max_length=128, rank=rank,
-                                                  world_size=world_size, seed=5).batches(epoch)
-            seen += [i for b in batches for i in b]
-        assert sorted(seen) == list(range(37))
-    s = ShardedBatchSampler(lengths, batch_size=3, max_length=128, seed=5)
+            s = ShardedBatchSampler(lengths, rank=rank, **kw)
+            mine = [g for _, g in zip(range(steps), s.global_indices(start))]
+            again = ShardedBatchSampler(lengths, rank=rank, **kw)
+            assert [s.global_batch(g) for g in mine] == [again.global_batch(g) for g in mine]
+            taken += mine
+        # after `steps` steps the job has consumed exactly the next steps * world batches
+        assert sorted(taken) == list(range(start, start + steps * world_size))
+    s = ShardedBatchSampler(lengths, **{**kw, "world_size": 1})
+    for epoch in (0, 1):  # each epoch covers every example once
+        assert sorted(i for g in range(epoch * nb, (epoch + 1) * nb) for i in s.global_batch(g)[1]) == list(range(37))
     assert s.epoch_batches(0) != s.epoch_batches(1)
 
 
 def test_cropping_random_in_training_and_chunked_in_validation(embedded):
     long = [e for e in embedded.examples if len(e) > 100][:3]
     sampler = ShardedBatchSampler([len(e) for e in long], batch_size=3, max_length=32)
-    stream = ProteinBatches(long, sampler, max_length=32).stream()
-    _, batch = next(stream)
+    batch = next(ProteinBatches(long, sampler, max_length=32).stream())
     assert batch["coords"].shape[1] == 32
     # random crops: the same chain cropped in two epochs starts at different residues
     from vnt.data.batching import crop_window
@@ -122,15 +128,20 @@ def test_cropping_random_in_training_and_chunked_in_validation(embedded):
     assert covered == sum(int(e.atom_mask.any(1).sum()) for e in long)
 
 
-def test_stream_resumes_at_a_position():
+def test_stream_resumes_at_a_position_on_any_world_size():
     data = load_proteins(DataConfig(source="synthetic", synthetic_count=10, synthetic_length=30))
-    sampler = ShardedBatchSampler([30] * 10, batch_size=3, max_length=20)
-    batches = ProteinBatches(data.examples, sampler, max_length=20)
-    full = [b for _, (_, b) in zip(range(9), batches.stream())]
-    it = batches.stream()
-    pos = [next(it)[0] for _ in range(5)][-1]
-    resumed = [b for _, (_, b) in zip(range(4), batches.stream(epoch=pos[0], index=pos[1]))]
-    for a, b in zip(full[5:], resumed):
+
+    def stream(rank, world, start=0):
+        sampler = ShardedBatchSampler([30] * 10, batch_size=3, max_length=20, rank=rank, world_size=world)
+        return ProteinBatches(data.examples, sampler, max_length=20).stream(start=start)
+
+    # one rank: 9 global batches (more than two epochs of 4)
+    full = [b for _, b in zip(range(9), stream(0, 1))]
+    # two ranks for 2 steps (4 batches consumed), then one rank resumes at position 4
+    first = [b for r in range(2) for _, b in zip(range(2), stream(r, 2))]
+    resumed = [b for _, b in zip(range(5), stream(0, 1, start=4))]
+    assert sorted(n for b in first for n in b["names"]) == sorted(n for b in full[:4] for n in b["names"])
+    for a, b in zip(full[4:], resumed):
         assert a["names"] == b["names"]
         assert (a["coords"] == b["coords"]).all()
 

@@ -152,6 +152,10 @@ class VNFeedForward(nn.Module):
     multiply-adds per hidden unit.
     """
 
+    # forward computes with its children's weights, not only through their forward: a ZeRO-3
+    # trainer gathers them for this module (vnt.train registers them as external parameters)
+    uses_child_weights = True
+
     def __init__(self, dim: int, *, mult: float = 4, bias_epsilon: float = 0.0, negative_slope: float = 0.0,
                  k_norm_floor: float = RELU_K_NORM_FLOOR):
         super().__init__()
@@ -217,6 +221,8 @@ class VNAttention(nn.Module):
     (c, dim_head) features, hence the ``dim <= dim_head`` condition. ``fold=False`` forces the
     projected form (tests compare the two).
     """
+
+    uses_child_weights = True  # the folded maps and VNLinear.split read to_qkv / to_out weights (see VNFeedForward)
 
     def __init__(self, dim: int, *, dim_head: int = 64, heads: int = 8, dim_coor: int = 3, bias_epsilon: float = 0.0,
                  attn_backend: str | None = None, l2_dist_attn: bool = False, flash: bool = False,

@@ -1,13 +1,18 @@
 """Backbone denoising with data-parallel DeepSpeed: ``python -m vnt.train --help``.
 
-Task: Gaussian noise of ``sigma`` Angstrom is added to every backbone atom; a translation-
-invariant VN-Transformer (residue x atom-type tokens as early-fused features) predicts the
-displacement back, so the denoiser noisy + f(noisy) is rotation and translation equivariant.
-Loss: mean squared displacement error over valid atoms (A^2). Validation reports the RMSD of the
-noisy input and of the denoised output on the held-out split, and their ratio.
+Task (``vnt.denoiser``): Gaussian noise of ``sigma`` Angstrom on every backbone atom; a
+translation-invariant VN-Transformer predicts the displacement back. Validation reports the RMSD
+of the noisy input and of the denoised output on the held-out split, and their ratio.
 
-One source of truth: ``TrainConfig`` (model, data, optim, run dataclasses). The command line,
-the DeepSpeed config, ``config.json`` and the summary are all derived from it.
+One source of truth: ``vnt.config.TrainConfig`` (model, data, optim, run dataclasses). The command
+line, the DeepSpeed config, ``config.json`` and the summary are all derived from it.
+
+Every ZeRO stage (0-3), float32 or bf16. Checkpoints (``vnt.checkpoint``) carry a manifest and
+resume on any number of processes: optimizer steps and the LR schedule continue from the
+checkpoint's step; the data continue at the first batch of the job's batch sequence that no rank
+has consumed (``vnt.data.ShardedBatchSampler``); the micro batch and accumulation stay, so the
+global batch scales with the number of processes. Partitioned optimizer state (ZeRO >= 1, or
+bf16) is re-partitioned through DeepSpeed's universal checkpoint.
 """
 from __future__ import annotations
 
@@ -22,118 +27,18 @@ import resource
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+import warnings
+from dataclasses import fields
 from pathlib import Path
 
 import torch
 
-from vnt.data import (NUM_ATOMS, NUM_RESIDUE_TOKENS, DataConfig, ProteinBatches, ShardedBatchSampler,
-                      load_proteins, validation_batches)
+from vnt import checkpoint
+from vnt.config import OptimConfig, RunConfig, TrainConfig, flag_name
+from vnt.data import DataConfig, ProteinBatches, ShardedBatchSampler, load_proteins, validation_batches
+from vnt.denoiser import BackboneDenoiser, Displacement, denoise, masked_mse, model_inputs, validation_seeds
 from vnt.equivariance import equivariance_error, rounding_floor
-from vnt.model import VNTransformer, VNTransformerConfig
-
-
-def default_model_config() -> VNTransformerConfig:
-    return VNTransformerConfig(dim=32, depth=2, dim_head=16, heads=4, dim_feat=16,
-                               num_tokens=NUM_RESIDUE_TOKENS * NUM_ATOMS, translation_invariant=True,
-                               attn_backend="sdpa")
-
-
-@dataclass(frozen=True)
-class OptimConfig:
-    lr: float = 3e-3
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.99)
-    warmup_steps: int = 100
-    min_lr_ratio: float = 0.05          # cosine decays to lr * min_lr_ratio at max_steps
-    grad_clip: float = 1.0
-    grad_accum: int = 1
-
-    def __post_init__(self):
-        if self.lr <= 0 or self.grad_accum < 1 or self.warmup_steps < 1:
-            raise ValueError("lr must be > 0, grad_accum >= 1, warmup_steps >= 1")
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    run_dir: str = "runs/default"
-    max_steps: int = 2000
-    stop_after: int = 0                 # stop (with a checkpoint) at this step, as if interrupted; 0: never
-    sigma: float = 1.0                  # noise, Angstrom
-    coord_scale: float = 1.0            # multiplies coordinates on the way into the model
-    zero_stage: int = 0
-    bf16: bool = False
-    ds_config: str | None = None        # a DeepSpeed JSON (launch/ds_config/*.json) instead of the generated one
-    log_every: int = 10
-    ckpt_every: int = 200
-    val_every: int = 0                  # 0: validate at the end only
-    val_max_batches: int = 0            # 0: the whole held-out split
-    seed: int = 0
-    threads: int = 0                    # torch threads per process; 0: cores / local processes
-    pg_timeout_s: int = 120             # a hung collective fails after this (torch default: 30 min)
-    progress: bool = True
-    # failure injection for tests: a rank that crashes, a loss that becomes NaN
-    debug_crash_step: int = -1
-    debug_crash_rank: int = 1
-    debug_nan_step: int = -1
-
-    def __post_init__(self):
-        if self.zero_stage not in (0, 1, 2, 3):
-            raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
-        if self.max_steps < 1 or self.sigma <= 0 or self.log_every < 1 or self.ckpt_every < 1:
-            raise ValueError("max_steps, log_every, ckpt_every must be >= 1 and sigma > 0")
-        if self.ds_config and not Path(self.ds_config).is_file():
-            raise ValueError(f"ds_config {self.ds_config} does not exist")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    model: VNTransformerConfig = field(default_factory=default_model_config)
-    data: DataConfig = field(default_factory=lambda: DataConfig(max_length=32, batch_size=4))
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    run: RunConfig = field(default_factory=RunConfig)
-
-    def to_dict(self) -> dict:
-        return {"model": self.model.to_dict(), "data": self.data.to_dict(), "optim": asdict(self.optim),
-                "run": asdict(self.run)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        return cls(model=VNTransformerConfig.from_dict(d["model"]), data=DataConfig(**d["data"]),
-                   optim=OptimConfig(**{k: tuple(v) if k == "betas" else v for k, v in d["optim"].items()}),
-                   run=RunConfig(**d["run"]))
-
-    def deepspeed_config(self, world_size: int) -> dict:
-        """The DeepSpeed config, generated (or read from run.ds_config and completed)."""
-        micro, accum = self.data.batch_size, self.optim.grad_accum
-        generated = {
-            "train_micro_batch_size_per_gpu": micro,
-            "gradient_accumulation_steps": accum,
-            "train_batch_size": micro * accum * world_size,   # the one place this is computed
-            "gradient_clipping": self.optim.grad_clip,
-            "zero_optimization": {"stage": self.run.zero_stage},
-            "bf16": {"enabled": self.run.bf16},
-            "optimizer": {"type": "Adam", "params": {"lr": self.optim.lr, "betas": list(self.optim.betas),
-                                                     "eps": 1e-8, "weight_decay": self.optim.weight_decay,
-                                                     "torch_adam": True}},
-            "scheduler": {"type": "WarmupCosineLR", "params": {
-                "total_num_steps": self.run.max_steps, "warmup_num_steps": self.optim.warmup_steps,
-                "warmup_min_ratio": 0.0, "cos_min_ratio": self.optim.min_lr_ratio, "warmup_type": "linear"}},
-            "steps_per_print": 10 ** 9,
-            "wall_clock_breakdown": False,
-        }
-        if not self.run.ds_config:
-            return generated
-        user = json.loads(Path(self.run.ds_config).read_text())
-        for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"):
-            if user.get(key, "auto") not in ("auto", generated[key]):
-                raise ValueError(f"{self.run.ds_config}: {key}={user[key]} contradicts the config "
-                                 f"({generated[key]}); set it to \"auto\" or change --data-batch-size/--optim-grad-accum")
-            user[key] = generated[key]
-        for key in ("optimizer", "scheduler", "gradient_clipping"):
-            user.setdefault(key, generated[key])
-        return user
-
+from vnt.model import VNTransformerConfig
 
 # ----------------------------------------------------------------------------------------------
 # command line derived from the dataclasses: --model-dim, --data-max-length, --optim-lr, --run-max-steps
@@ -172,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
         group = p.add_argument_group(section)
         for f in fields(cls):
             value = getattr(getattr(defaults, section), f.name)
-            flag = f"--{section}-{f.name.replace('_', '-')}"
+            flag = flag_name(section, f.name)
             names = [flag] + [s for s, target in _SHORTCUTS.items() if target == f"{section}.{f.name}"]
             group.add_argument(*names, dest=f"{section}.{f.name}", default=argparse.SUPPRESS, metavar="V",
                                help=f"(default: {value})")
@@ -191,66 +96,23 @@ def config_from_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
             continue
         section, name = key.split(".")
         overrides[section][name] = _parse_value(raw, getattr(getattr(cfg, section), name))
+    explicit = frozenset((s, n) for s, o in overrides.items() for n in o)
     try:
         cfg = TrainConfig(**{s: dataclasses.replace(getattr(cfg, s), **o) for s, o in overrides.items()})
-        cfg.deepspeed_config(world_size=1)  # a bad ds_config fails here, before any process starts
-    except (ValueError, TypeError) as err:
+        cfg = cfg.with_ds_config(explicit)
+        if os.environ.get("WORLD_SIZE"):  # in a rank: the global batch can be checked against the world size
+            cfg.deepspeed_config(world_size=int(os.environ["WORLD_SIZE"]))
+        if args.check:  # before any process starts: every construction error, a bad --run-resume-from
+            with torch.no_grad():
+                BackboneDenoiser(cfg.model)
+            if cfg.run.run_dir and cfg.run.resume_from:
+                checkpoint.choose(Path(cfg.run.run_dir) / "checkpoints", resume_from=cfg.run.resume_from)
+    except (ValueError, TypeError, checkpoint.CheckpointError) as err:
         p.error(str(err))
     return cfg, args
 
 
 # ----------------------------------------------------------------------------------------------
-# the task
-
-
-def model_inputs(batch: dict, *, sigma: float, generator: torch.Generator | None):
-    """Flatten residues x atoms into points; add noise. Returns (noisy, clean, tokens, mask), Angstrom."""
-    b, L = batch["tokens"].shape
-    clean = batch["coords"].reshape(b, L * NUM_ATOMS, 3)
-    mask = batch["atom_mask"].reshape(b, L * NUM_ATOMS)
-    tokens = (batch["tokens"][..., None] * NUM_ATOMS + torch.arange(NUM_ATOMS)).reshape(b, L * NUM_ATOMS)
-    noise = torch.randn(clean.shape, generator=generator) * sigma
-    noisy = (clean + noise).masked_fill(~mask[..., None], 0.0)
-    return noisy, clean, tokens, mask
-
-
-class BackboneDenoiser(torch.nn.Module):
-    """Invariant per-atom features -> VNTransformer (early fusion) -> displacement.
-
-    Features: an embedding of (residue type x backbone atom type) plus sinusoids of the residue
-    index, so attention can find sequence neighbours (dot products of sinusoids depend on the
-    index difference). The output projection starts at zero: the denoiser starts as the identity.
-    """
-
-    def __init__(self, cfg: VNTransformerConfig):
-        super().__init__()
-        if not cfg.dim_feat or cfg.dim_feat % 2:
-            raise ValueError(f"the denoiser needs an even model dim_feat, got {cfg.dim_feat}")
-        if not cfg.translation_invariant:
-            raise ValueError("the denoiser predicts displacements: set model translation_invariant=True")
-        self.token_emb = torch.nn.Embedding(cfg.num_tokens or NUM_RESIDUE_TOKENS * NUM_ATOMS, cfg.dim_feat)
-        self.vnt = VNTransformer.from_config(dataclasses.replace(cfg, num_tokens=None))
-        torch.nn.init.zeros_(self.vnt.proj_out.weight)
-        half = cfg.dim_feat // 2
-        self.register_buffer("freqs", torch.exp(-math.log(1000.0) * torch.arange(half) / half), persistent=False)
-
-    def forward(self, coors, *, tokens, mask):
-        residue_index = torch.arange(coors.shape[1], device=coors.device) // NUM_ATOMS
-        angles = residue_index[:, None].float() * self.freqs
-        pos = torch.cat((angles.sin(), angles.cos()), dim=-1)
-        feats = self.token_emb(tokens) + pos
-        return self.vnt(coors, feats=feats.to(coors.dtype), mask=mask)[0]
-
-
-def denoise(model, noisy: torch.Tensor, tokens, mask, *, scale: float) -> torch.Tensor:
-    dtype = next(model.parameters()).dtype
-    disp = model((noisy * scale).to(dtype), tokens=tokens, mask=mask)
-    return noisy + disp.float() / scale
-
-
-def masked_mse(pred, target, mask) -> torch.Tensor:
-    sq = ((pred - target) ** 2).sum(-1) * mask
-    return sq.sum() / mask.sum().clamp(min=1) / 3.0
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -259,7 +121,20 @@ def peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB -> MiB (process peak RSS)
 
 
-# ----------------------------------------------------------------------------------------------
+def register_zero3_external_parameters(model: torch.nn.Module) -> int:
+    """ZeRO-3 gathers a module's own parameters for its forward. vnt blocks that compute with their
+    children's weights (``uses_child_weights``: the composed feed-forward map, the folded attention
+    maps) get those registered as external parameters, so the folded forms stay under ZeRO-3."""
+    import deepspeed
+
+    count = 0
+    for module in model.modules():
+        if getattr(module, "uses_child_weights", False):
+            for child in module.children():
+                for p in child.parameters():
+                    deepspeed.zero.register_external_parameter(module, p)
+                    count += 1
+    return count
 
 
 class Trainer:
@@ -284,10 +159,23 @@ class Trainer:
         self.dist = dist
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.is_main = self.rank == 0
-        self.run_dir = Path(run.run_dir)
+        # rank 0 decides what every rank must agree on: the run dir, and which checkpoint to resume
+        self.run_dir = Path(run.run_dir or self._broadcast(f"runs/{datetime.datetime.now():%Y%m%d-%H%M%S}"))
         self.ckpt_dir = self.run_dir / "checkpoints"
+        resume = None
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    resume = checkpoint.choose(self.ckpt_dir, resume_from=run.resume_from)
+                for w in caught:
+                    print(f"warning: {w.message}", file=sys.stderr, flush=True)
+            except checkpoint.CheckpointError as err:
+                resume = err
+        self.resume = self._broadcast(resume)
+        if isinstance(self.resume, checkpoint.CheckpointError):
+            raise self.resume  # on every rank: none waits for the others
 
         torch.manual_seed(run.seed)  # same initial weights on every rank
         data = load_proteins(cfg.data, progress=self.is_main and run.progress) if self.is_main else None
@@ -302,17 +190,27 @@ class Trainer:
                                       seed=cfg.data.seed, rank=self.rank, world_size=self.world)
         self.batches = ProteinBatches(train, sampler, max_length=cfg.data.max_length)
 
-        model = BackboneDenoiser(cfg.model)
         self.ds_config = cfg.deepspeed_config(self.world)
+        self.resume_tag = self._prepare_resume()
+        model = BackboneDenoiser(cfg.model)
+        if self.ds_config["zero_optimization"]["stage"] == 3:
+            register_zero3_external_parameters(model)
         self.engine, _, _, self.scheduler = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                                                  config=self.ds_config)
+        self.zero_stage = self.engine.zero_optimization_stage()
         self.step = 0
-        self.position = (0, 0)
+        self.consumed = 0  # global batches of the job's batch sequence consumed so far (all ranks)
         self.stop_requested = False
         signal.signal(signal.SIGTERM, self._on_sigterm)
 
     def _on_sigterm(self, signum, frame):
         self.stop_requested = True
+
+    def _broadcast(self, obj):
+        """rank 0's ``obj`` on every rank."""
+        box = [obj]
+        self.dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     def log(self, msg: str) -> None:
         if self.is_main:
@@ -320,20 +218,63 @@ class Trainer:
 
     # -- checkpoints ---------------------------------------------------------------------------
 
+    def _prepare_resume(self) -> str | None:
+        """The tag to load, after converting it to DeepSpeed's universal format when its optimizer
+        state is partitioned over another number of processes (then the engine loads it universally)."""
+        if self.resume is None:
+            return None
+        tag = self.resume["tag"]
+        if self.resume["world_size"] == self.world or not self.resume["partitioned_optimizer"]:
+            return tag
+        universal = f"{tag}_universal_from{self.resume['world_size']}"
+        if self.is_main and not (self.ckpt_dir / universal / checkpoint.MANIFEST).is_file():
+            self.log(f"resume: {tag} was saved by {self.resume['world_size']} processes with partitioned "
+                     f"optimizer state; converting it to DeepSpeed's universal checkpoint for {self.world}")
+            from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+            checkpoint.remove(self.ckpt_dir, universal)  # an interrupted earlier conversion
+            ds_to_universal(argparse.Namespace(
+                input_folder=str(self.ckpt_dir / tag), output_folder=str(self.ckpt_dir / universal),
+                num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
+                inject_missing_state=False))
+            checkpoint.write_manifest(self.ckpt_dir, universal, {**self.resume, "converted_from": tag})
+        self.dist.barrier()
+        self.ds_config = {**self.ds_config, "checkpoint": {**self.ds_config.get("checkpoint", {}), "load_universal": True}}
+        return universal
+
     def save(self) -> None:
-        self.engine.save_checkpoint(str(self.ckpt_dir), tag=f"step{self.step}",
-                                    client_state={"step": self.step, "position": list(self.position)})
-        self.log(f"checkpoint: step {self.step} -> {self.ckpt_dir}")
+        run = self.cfg.run
+        tag = checkpoint.tag_for(self.step)
+        if self.is_main and (self.ckpt_dir / tag).exists():  # a stale or partial save of this step
+            checkpoint.remove(self.ckpt_dir, tag)
+        from deepspeed.checkpoint import constants as ds
+
+        # the universal-checkpoint marker lets DeepSpeed's ds_to_universal re-partition it (elastic resume)
+        universal = {ds.UNIVERSAL_CHECKPOINT_VERSION_KEY: ds.UNIVERSAL_CHECKPOINT_VERSION_VALUE}
+        self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, save_latest=False, client_state={
+            "step": self.step, "consumed": self.consumed, ds.UNIVERSAL_CHECKPOINT_INFO: universal})
+        if self.step == run.debug_crash_in_save and self.rank == run.debug_crash_rank:
+            print(f"debug_crash_in_save: rank {self.rank} dies in the save of step {self.step}", flush=True)
+            os._exit(13)
+        self.dist.barrier()  # every rank has written its files
+        if self.is_main:
+            checkpoint.commit(self.ckpt_dir, tag, {
+                "step": self.step, "consumed": self.consumed, "world_size": self.world,
+                "zero_stage": self.zero_stage, "bf16": self.engine.bfloat16_enabled(),
+                "partitioned_optimizer": self.zero_stage > 0 or self.engine.bfloat16_enabled(),
+            }, keep_last=run.keep_last)
+            self.log(f"checkpoint: step {self.step} -> {self.ckpt_dir / tag}")
+        self.dist.barrier()
 
     def maybe_resume(self) -> None:
-        if not (self.ckpt_dir / "latest").is_file():
+        if self.resume_tag is None:
             return
-        path, client = self.engine.load_checkpoint(str(self.ckpt_dir))
+        path, _ = self.engine.load_checkpoint(str(self.ckpt_dir), tag=self.resume_tag)
         if path is None:
-            raise RuntimeError(f"{self.ckpt_dir}/latest exists but its checkpoint could not be loaded")
-        self.step = int(client["step"])
-        self.position = tuple(client["position"])
-        self.log(f"resumed from {path} at step {self.step}")
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {self.ckpt_dir / self.resume_tag}")
+        self.step, self.consumed = int(self.resume["step"]), int(self.resume["consumed"])
+        self.log(f"resumed from {path} at step {self.step} ({self.consumed} batches consumed, saved by "
+                 f"{self.resume['world_size']} processes, now {self.world})")
 
     # -- steps ---------------------------------------------------------------------------------
 
@@ -342,6 +283,14 @@ class Trainer:
         t = torch.tensor([1.0 if flag else 0.0], device=self.device)
         self.dist.all_reduce(t, op=self.dist.ReduceOp.MAX)
         return bool(t.item())
+
+    def _unclipped_grad_norm(self) -> float | None:
+        """DeepSpeed reports the global grad norm itself except for float32 without ZeRO, where it
+        clips the (already all-reduced) gradients and drops the norm: computed here, before clipping."""
+        if self.zero_stage > 0 or self.engine.bfloat16_enabled() or self.engine.fp16_enabled():
+            return None
+        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])).item()
 
     def train_step(self, batch) -> dict:
         run = self.cfg.run
@@ -356,36 +305,40 @@ class Trainer:
             raise FloatingPointError(f"non-finite loss at step {self.step + 1} (rank {self.rank}: {loss.item()}); "
                                      f"stopping without a checkpoint, the last good one is kept in {self.ckpt_dir}")
         self.engine.backward(loss)
-        grad_norm = None
-        if self.engine.is_gradient_accumulation_boundary() and self.cfg.run.zero_stage == 0:
-            # DeepSpeed reports no global norm under ZeRO-0; the grads are all-reduced here, before clipping
-            grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
-            grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])).item()
+        grad_norm = self._unclipped_grad_norm() if self.engine.is_gradient_accumulation_boundary() else None
+        lr = self.engine.get_lr()[0]  # the rate this step applies
         self.engine.step()
         if grad_norm is None:
             reported = self.engine.get_global_grad_norm()
             grad_norm = float(reported) if reported is not None else float("nan")
         return {"loss": loss.item(), "atoms": int(mask.sum()), "samples": int(batch["tokens"].shape[0]),
-                "grad_norm": grad_norm}
+                "grad_norm": grad_norm, "lr": lr}
 
     @torch.no_grad()
     def validate(self) -> dict:
-        """RMSD over all valid held-out atoms (pooled over this split, all ranks), fixed noise."""
+        """RMSD over all valid held-out atoms (pooled over this split, all ranks), fixed noise. Every
+        rank runs the same number of forward passes (ZeRO-3 gathers weights in each): a rank with
+        fewer batches repeats one with zero weight."""
         run = self.cfg.run
         self.engine.eval()
-        gen = torch.Generator().manual_seed(run.seed + 12345)
+        kw = dict(max_length=self.cfg.data.max_length, batch_size=self.cfg.data.batch_size)
+        mine = list(validation_batches(self.val, rank=self.rank, world_size=self.world, **kw))
+        count = torch.tensor([len(mine)], device=self.device)
+        self.dist.all_reduce(count, op=self.dist.ReduceOp.MAX)
+        count = int(count.item())
+        if run.val_max_batches:
+            count = min(count, run.val_max_batches)
+        filler = mine[0] if mine else next(iter(validation_batches(self.val, **kw)), None)
         sums = torch.zeros(3, dtype=torch.float64)  # sq err noisy, sq err denoised, atoms
-        for k, batch in enumerate(validation_batches(self.val, max_length=self.cfg.data.max_length,
-                                                     batch_size=self.cfg.data.batch_size,
-                                                     rank=self.rank, world_size=self.world)):
-            if run.val_max_batches and k >= run.val_max_batches:
-                break
-            noisy, clean, tokens, mask = model_inputs(batch, sigma=run.sigma, generator=gen)
+        for k in range(count):
+            batch, weight = (mine[k], 1.0) if k < len(mine) else (filler, 0.0)
+            noisy, clean, tokens, mask = model_inputs(batch, sigma=run.sigma, seeds=validation_seeds(batch, run.seed))
             noisy, clean, tokens, mask = (t.to(self.device) for t in (noisy, clean, tokens, mask))
             pred = denoise(self.engine, noisy, tokens, mask, scale=run.coord_scale)
             m = mask[..., None]
-            sums += torch.tensor([(((noisy - clean) ** 2) * m).sum().item(), (((pred - clean) ** 2) * m).sum().item(),
-                                  mask.sum().item()], dtype=torch.float64)
+            sums += weight * torch.tensor([(((noisy - clean) ** 2) * m).sum().item(),
+                                           (((pred - clean) ** 2) * m).sum().item(), mask.sum().item()],
+                                          dtype=torch.float64)
         self.engine.train()
         t = sums.to(self.device)
         self.dist.all_reduce(t)
@@ -394,32 +347,40 @@ class Trainer:
         return {"val_rmsd_noisy": noisy_rmsd, "val_rmsd_denoised": den_rmsd,
                 "val_rmsd_ratio": den_rmsd / noisy_rmsd if noisy_rmsd else float("nan"), "val_atoms": int(t[2].item())}
 
+    def full_model(self) -> torch.nn.Module:
+        """The trained denoiser with all of its weights on this rank (in their training dtype). Under
+        ZeRO-3 every rank gathers them (a collective) into a plain copy; otherwise the module itself."""
+        module = self.engine.module
+        if self.zero_stage < 3:
+            return module
+        import deepspeed
+
+        copy = BackboneDenoiser(self.cfg.model).to(self.device)
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            copy.load_state_dict({k: v.detach().clone() for k, v in module.state_dict().items()})
+        return copy.to(next(module.parameters()).dtype)
+
     @torch.no_grad()
     def measure_equivariance(self) -> dict:
         """SE(3) check of the trained denoiser on the first validation batch: 4 Haar-random rotations
         and a different random translation per protein (its displacement output must rotate and not
         move), in the model's dtype; and the same for exact arithmetic on inputs rounded to that dtype
-        (``vnt.rounding_floor``), the part of the error the function itself forces."""
+        (``vnt.rounding_floor``), the part of the error the function itself forces. Every rank
+        measures the same (no rank waits on another); rank 0 reports."""
         run = self.cfg.run
-        module = self.engine.module
+        model = self.full_model()
+        was_training = model.training
+        model.eval()
         batch = next(iter(validation_batches(self.val, max_length=self.cfg.data.max_length,
                                              batch_size=self.cfg.data.batch_size)))
         noisy, _, tokens, mask = model_inputs(batch, sigma=run.sigma, generator=torch.Generator().manual_seed(run.seed))
         coors, tokens, mask = (noisy * run.coord_scale).to(self.device), tokens.to(self.device), mask.to(self.device)
-        dtype = next(module.parameters()).dtype
-
-        class Displacement(torch.nn.Module):  # the call equivariance_error makes
-            def __init__(self):
-                super().__init__()
-                self.denoiser = module
-
-            def forward(self, c, feats=None, mask=None):
-                return self.denoiser(c, tokens=feats, mask=mask)
-
-        target = Displacement()
+        dtype = next(model.parameters()).dtype
+        target = Displacement(model)
         kw = dict(feats=tokens, mask=mask, num_rotations=4, translate=True, output_translates=False)
         err = equivariance_error(target, coors, generator=torch.Generator().manual_seed(run.seed), **kw)
         floor = rounding_floor(target, coors, dtype=dtype, generator=torch.Generator().manual_seed(run.seed), **kw)
+        model.train(was_training)
         return {"equiv_rel_err": err.rel, "equiv_rel_err_input_rounding_floor": floor.rel,
                 "equiv_dtype": str(dtype).removeprefix("torch."), "equiv_points": int(mask.sum())}
 
@@ -437,14 +398,15 @@ class Trainer:
             with open(metrics_path, "w", newline="") as f:
                 csv.writer(f).writerow(columns)
         if self.is_main and self.step > 0:  # resuming: drop rows past the checkpoint
-            rows = list(csv.reader(open(metrics_path)))
+            with open(metrics_path) as f:
+                rows = list(csv.reader(f))
             with open(metrics_path, "w", newline="") as f:
                 csv.writer(f).writerows([rows[0]] + [r for r in rows[1:] if int(r[0]) <= self.step])
 
         from tqdm import tqdm
         bar = tqdm(total=run.max_steps, initial=self.step, disable=not (self.is_main and run.progress),
                    desc="train", dynamic_ncols=True)
-        stream = self.batches.stream(epoch=self.position[0], index=self.position[1])
+        stream = self.batches.stream(start=self.consumed)
         window = {"samples": 0, "atoms": 0, "time": 0.0, "steps": 0}
         total_atoms, total_time, loss = 0, 0.0, float("nan")
         last_val = {}
@@ -455,7 +417,8 @@ class Trainer:
                 bar.close()
                 return {"stopped_by_signal": True, "step": self.step}
             for _ in range(self.cfg.optim.grad_accum):
-                self.position, batch = next(stream)
+                batch = next(stream)
+                self.consumed += self.world
                 if self.step + 1 == run.debug_crash_step and self.rank == run.debug_crash_rank:
                     raise RuntimeError(f"debug_crash_step: rank {self.rank} crashes at step {self.step + 1}")
                 t0 = time.perf_counter()
@@ -471,7 +434,7 @@ class Trainer:
             window["steps"] += 1
             bar.update(1)
             if self.step % run.log_every == 0 or self.step == run.max_steps:
-                row = [self.step, f"{loss:.6f}", f"{self.scheduler.get_last_lr()[0]:.6g}", f"{out['grad_norm']:.6g}",
+                row = [self.step, f"{loss:.6f}", f"{out['lr']:.6g}", f"{out['grad_norm']:.6g}",
                        f"{window['samples'] * self.world / window['time']:.3f}",
                        f"{window['atoms'] * self.world / window['time']:.1f}",
                        f"{window['time'] / window['steps']:.4f}", f"{peak_memory_mib(self.device):.1f}"]
@@ -494,9 +457,10 @@ class Trainer:
         summary = {"world_size": self.world, "steps": self.step, "final_loss": loss, **last_val,
                    "tokens_per_s": total_atoms * self.world / total_time if total_time else float("nan"),
                    "tokens": "backbone atoms", "sigma_A": run.sigma, "device": str(self.device),
+                   "zero_stage": self.zero_stage, "bf16": self.engine.bfloat16_enabled(),
                    "data": self.data_summary["source"], "run_dir": str(self.run_dir)}
+        summary.update(self.measure_equivariance())
         if self.is_main:
-            summary.update(self.measure_equivariance())
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
             self.log(json.dumps(summary))
         return summary
@@ -507,12 +471,18 @@ def main(argv=None) -> int:
     if args.check:
         print(json.dumps(cfg.to_dict(), default=str))
         return 0
-    trainer = Trainer(cfg)
     try:
-        trainer.fit()
-    finally:
-        if trainer.dist.is_initialized():
-            trainer.dist.destroy_process_group()
+        trainer = Trainer(cfg)
+    except checkpoint.CheckpointError as err:
+        import torch.distributed as dist
+        if dist.get_rank() == 0:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+        dist.destroy_process_group()
+        return 2
+    trainer.fit()
+    # every rank is done with every collective before any rank tears the process group down
+    trainer.dist.barrier()
+    trainer.dist.destroy_process_group()
     return 0
 
 

@@ -26,7 +26,8 @@ def chunk_windows(length: int, max_length: int) -> list[tuple[int, int]]:
 
 def collate(examples: list[ProteinExample], windows: list[tuple[int, int]] | None = None) -> dict:
     """Pad to the longest (cropped) example. Returns tensors:
-    tokens (B, L) long, coords (B, L, 4, 3) float32, atom_mask (B, L, 4) bool, mask (B, L) bool."""
+    tokens (B, L) long, coords (B, L, 4, 3) float32, atom_mask (B, L, 4) bool, mask (B, L) bool;
+    and per example its name and residue window [start, stop)."""
     windows = windows or [(0, len(e)) for e in examples]
     L = max(b - a for a, b in windows)
     B = len(examples)
@@ -38,7 +39,7 @@ def collate(examples: list[ProteinExample], windows: list[tuple[int, int]] | Non
         coords[i, : b - a] = torch.from_numpy(ex.coords[a:b])
         atom_mask[i, : b - a] = torch.from_numpy(ex.atom_mask[a:b])
     return {"tokens": tokens, "coords": coords, "atom_mask": atom_mask, "mask": atom_mask.any(-1),
-            "names": [e.name for e in examples]}
+            "names": [e.name for e in examples], "windows": windows}
 
 
 def padding_fraction(batches: list[list[int]], lengths: list[int]) -> float:
@@ -49,45 +50,69 @@ def padding_fraction(batches: list[list[int]], lengths: list[int]) -> float:
 
 
 class ShardedBatchSampler:
-    """Batches of example indices for one rank, deterministic from (seed, epoch).
+    """Batches of example indices, deterministic from (seed, epoch), sharded over ranks.
 
     bucket=True sorts a seeded shuffle by (cropped) length inside windows of ``bucket_size``
     batches, so a batch holds similar lengths (less padding), then shuffles the batch order.
-    Rank r of w takes batches r, r + w, ...: shards are disjoint and together cover the epoch.
-    Ranks may hold one batch more or less; the trainer counts steps, not epochs, so ranks never
-    wait on each other at an epoch boundary.
+
+    The job reads one endless sequence of batches: epoch 0's, then epoch 1's, ... (every epoch has
+    ``num_batches``). Global batch g is ``global_batch(g)``; rank r of w takes g = start + r,
+    start + r + w, ... so the ranks' batches are disjoint and, together, consecutive: after any
+    number of steps the job has consumed a prefix of the sequence, whatever the world size. That
+    prefix length is what a checkpoint stores, and a job of another world size continues after it.
     """
 
     def __init__(self, lengths: list[int], *, batch_size: int, max_length: int, bucket: bool = True,
                  seed: int = 0, rank: int = 0, world_size: int = 1, bucket_size: int = 50):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+        if not lengths:
+            raise ValueError("no examples to batch")
         self.lengths = [min(l, max_length) for l in lengths]
         self.batch_size, self.bucket, self.seed = batch_size, bucket, seed
         self.rank, self.world_size, self.bucket_size = rank, world_size, bucket_size
+        self._epoch_cache: tuple[int, list[list[int]]] | None = None
+
+    @property
+    def num_batches(self) -> int:
+        """Batches per epoch (every epoch has the same number)."""
+        return -(-len(self.lengths) // self.batch_size)
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         """All batches of the epoch (every rank's), in order."""
+        if self._epoch_cache is not None and self._epoch_cache[0] == epoch:
+            return self._epoch_cache[1]
         rng = np.random.default_rng([self.seed, epoch])
         order = rng.permutation(len(self.lengths))
         if self.bucket:
             window = self.batch_size * self.bucket_size
             order = np.concatenate([sorted(order[s:s + window], key=lambda i: self.lengths[i])
-                                    for s in range(0, len(order), window)]) if len(order) else order
+                                    for s in range(0, len(order), window)])
         batches = [order[s:s + self.batch_size].tolist() for s in range(0, len(order), self.batch_size)]
         if self.bucket:
             batches = [batches[i] for i in rng.permutation(len(batches))]
+        self._epoch_cache = (epoch, batches)
         return batches
 
-    def batches(self, epoch: int) -> list[list[int]]:
-        return self.epoch_batches(epoch)[self.rank::self.world_size]
+    def global_batch(self, g: int) -> tuple[int, list[int]]:
+        """(epoch, example indices) of global batch g of the job's sequence."""
+        epoch, k = divmod(g, self.num_batches)
+        return epoch, self.epoch_batches(epoch)[k]
+
+    def global_indices(self, start: int = 0):
+        """This rank's global batch numbers from ``start`` on: start + rank, start + rank + world, ..."""
+        g = start + self.rank
+        while True:
+            yield g
+            g += self.world_size
 
 
 class ProteinBatches:
-    """Iterates collated batches for one rank over epochs, forever, from a given position.
+    """Iterates collated batches for one rank, forever, from a position in the job's sequence.
 
     Crops are random from (seed, epoch, example index); validation uses ``validation_batches``.
-    ``position`` (epoch, batch index) is what a checkpoint stores to resume the same stream.
+    The position is the number of global batches the whole job has consumed (see
+    ``ShardedBatchSampler``): what a checkpoint stores to resume the same stream.
     """
 
     def __init__(self, examples: list[ProteinExample], sampler: ShardedBatchSampler, *, max_length: int):
@@ -100,13 +125,10 @@ class ProteinBatches:
                    for e, i in zip(exs, indices)]
         return collate(exs, windows)
 
-    def stream(self, *, epoch: int = 0, index: int = 0):
-        """Yields ((epoch, index_after_this_batch), batch)."""
-        while True:
-            batches = self.sampler.batches(epoch)
-            for k in range(index, len(batches)):
-                yield (epoch, k + 1), self.batch(epoch, batches[k])
-            epoch, index = epoch + 1, 0
+    def stream(self, *, start: int = 0):
+        """Yields this rank's batches of the job's sequence after the first ``start`` global batches."""
+        for g in self.sampler.global_indices(start):
+            yield self.batch(*self.sampler.global_batch(g))
 
 
 def validation_batches(examples: list[ProteinExample], *, max_length: int, batch_size: int,
