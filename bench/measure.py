@@ -127,26 +127,13 @@ def reference_check(case: Case, device: str) -> float:
     return (a - b).abs().max().item()
 
 
-class KeywordCall(torch.nn.Module):
-    """Calls a model as ``model(coors, feats=feats, mask=mask)``, the call ``equivariance_error`` makes
-    (the original package takes the same keywords but cannot be passed extra positional ones)."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, coors, feats=None, mask=None):
-        return self.model(coors, feats=feats, mask=mask)
-
-
 def equivariance(case: Case, device: str, num_rotations: int = 3) -> tuple[float, float]:
     """(error, floor): ``vnt.equivariance_error`` of the case's model in its dtype, and for vnt rows
     ``vnt.rounding_floor`` (float64 arithmetic, inputs and every VN block's output rounded to that
     dtype), NaN for the original package, whose blocks the floor does not know."""
     from vnt import equivariance_error, rounding_floor
     model, coors, feats = build(case, device)
-    target = model if case.impl == "vnt" else KeywordCall(model)
-    err = equivariance_error(target, coors, feats=feats, num_rotations=num_rotations,
+    err = equivariance_error(model, coors, feats=feats, num_rotations=num_rotations,
                              autocast_dtype=None if case.dtype == "float32" else DTYPES[case.dtype],
                              generator=torch.Generator().manual_seed(0))
     floor = float("nan")

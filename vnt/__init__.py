@@ -1,14 +1,20 @@
-"""vnt: a correct, fast VN-Transformer. Importing vnt never imports deepspeed or sidechainnet."""
+"""vnt: a correct, fast VN-Transformer. Importing vnt never imports deepspeed or sidechainnet.
+
+The names the original ``VN-transformer`` package exports are here with its layout and keywords
+(``vnt.compat``); vnt's fast channels-last blocks, which ``VNTransformer`` uses inside, are in
+``vnt.layers``.
+"""
+from vnt import layers, rotations
 from vnt.attend import Attend
+from vnt.compat import (VNAttention, VNFeedForward, VNInvariant, VNLayerNorm, VNLinear, VNReLU, VNTransformerEncoder,
+                        VNWeightedPool, from_original_state_dict)
 from vnt.equivariance import EquivarianceError, equivariance_error, rounding_floor
-from vnt.layers import VNAttention, VNFeedForward, VNInvariant, VNLayerNorm, VNLinear, VNReLU, VNWeightedPool
-from vnt.model import PAPER_NORMS, VNTransformer, VNTransformerConfig, VNTransformerEncoder
-from vnt import rotations
+from vnt.model import PAPER_NORMS, VNTransformer, VNTransformerConfig
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Attend", "EquivarianceError", "PAPER_NORMS", "equivariance_error", "rotations", "VNAttention", "VNFeedForward",
-    "VNInvariant", "VNLayerNorm", "VNLinear", "VNReLU", "VNTransformer", "VNTransformerConfig",
-    "VNTransformerEncoder", "VNWeightedPool", "rounding_floor", "__version__",
+    "Attend", "EquivarianceError", "PAPER_NORMS", "VNAttention", "VNFeedForward", "VNInvariant", "VNLayerNorm",
+    "VNLinear", "VNReLU", "VNTransformer", "VNTransformerConfig", "VNTransformerEncoder", "VNWeightedPool",
+    "equivariance_error", "from_original_state_dict", "layers", "rotations", "rounding_floor", "__version__",
 ]

@@ -1,4 +1,5 @@
-"""One attention module that owns the kernel choice.
+"""One attention module that owns the kernel choice, and the only place that knows how extra
+similarity terms ride on a dot-product kernel.
 
 Axes: b batch, h heads, i query points, j key points, e flattened (coordinate x channel) features.
 
@@ -6,14 +7,18 @@ Backends (named, chosen at construction):
   "math"     dot-product attention written out (einsum + softmax): the reference path.
   "sdpa"     dot-product attention through ``F.scaled_dot_product_attention``, with the kernel
              (flash, memory-efficient, math) selected explicitly via ``torch.nn.attention.sdpa_kernel``.
-  "l2"       L2-distance attention, sim = -scale * |q_i - k_j|^2, run on the SDPA kernels by
-             augmenting q and k with one extra feature per head (the -|q_i|^2 term is constant along
-             j and cancels in the softmax), so it gets the fused kernels too.
+  "l2"       L2-distance attention, sim = -scale * |q_i - k_j|^2, on the SDPA kernels.
   "l2_math"  the same L2-distance attention written out; the reference for "l2".
 
-Keys and values may be shared by all heads (multi-query form, head axis of size 1): VNAttention
-folds its projections into the queries and the output map, so its keys and values are the input
-itself. The heads are then folded into the query rows, so no head-sized copy of k or v is made.
+Similarity: ``scale * (m q_i.k_j + t_j)`` with m = 1 and t = key_bias for the dot-product
+backends, m = 2 and t = key_bias - |k_j|^2 for L2 (-|q_i|^2 is constant along j and cancels in the
+softmax). A key term t_j (per head, or shared) rides on the SDPA kernels as one more feature: q gets
+a 1 in a slot where k holds t_j / m, one slot per head when the keys are shared by every head. A
+caller that leaves zero features at the end of q (``q_spare``) gets the slots written there, so q
+is not copied. Keys and values may be shared by all heads (multi-query form, head axis of size 1):
+VNAttention folds its projections into the queries and the output map, so its keys and values are
+the input itself; the heads are then folded into the query rows, so no head-sized copy of k or v is
+made.
 """
 from __future__ import annotations
 
@@ -96,47 +101,67 @@ class Attend(nn.Module):
     def uses_sdpa(self) -> bool:
         return self.backend in ("sdpa", "l2")
 
+    def augment_slots(self, *, heads: int, key_term: bool) -> int:
+        """How many zero features a caller with keys shared by ``heads`` heads should leave at the end
+        of q (``q_spare``) so that a key term rides on the SDPA kernel without copying q."""
+        if not self.uses_sdpa or not (key_term or self.backend == "l2"):
+            return 0
+        return heads
+
     def forward(self, q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor | None = None,
-                scale: float | None = None, k_sq: Tensor | None = None) -> Tensor:
-        """q (b h i e); k, v (b h j e), or (b 1 j e) shared by every head (multi-query form, no copy:
-        the heads are folded into the query rows); mask (b j) bool, True = keep. Returns (b h i e_v).
+                scale: float | None = None, key_bias: Tensor | None = None, k_sq: Tensor | None = None,
+                q_spare: int = 0) -> Tensor:
+        """q (b h i e); k, v (b h j e'), or (b 1 j e') shared by every head, e' = e - q_spare; mask (b j)
+        bool, True = keep. Returns (b h i e_v).
 
-        scale defaults to e ** -0.5. For the L2 backends, ``k_sq`` (b h j) or (b 1 j) gives the
-        squared key norms |k_j|^2 when q.k is a bilinear form that k alone does not determine
-        (VNAttention's folded projections); by default they are computed from k.
+        scale defaults to e' ** -0.5. key_bias (b h j) or (b 1 j): added to q.k (see the module
+        docstring). For the L2 backends, ``k_sq`` (b h j) or (b 1 j) gives the squared key norms
+        |k_j|^2 when q.k is a bilinear form that k alone does not determine (VNAttention's folded
+        projections); by default they are computed from k. q_spare: the last q_spare features of q are
+        zero (the caller reserved them for the augmentation slots); they may be overwritten.
         """
-        scale = q.shape[-1] ** -0.5 if scale is None else scale
-        if self.backend not in ("l2", "l2_math"):
-            return self.dot_product(q, k, v, mask=mask, scale=scale)
-        if k_sq is None:
-            k_sq = k.pow(2).sum(-1)
-        if self.backend == "l2_math":
-            # -|q_i - k_j|^2 up to -|q_i|^2, which is constant along j and cancels in the softmax
-            return self._written_out(q, k, v, mask=mask, scale=scale, key_bias=k_sq)
-        # sim_ij = 2 scale (q.k - |k_j|^2 / 2) == -scale |q_i - k_j|^2 + (term constant in j): augment q
-        # with -1 in the slot that holds its head's |k_j|^2 / 2, and zero-pad q, k, v to one head dim
-        # that is a multiple of 8 (what the fused kernels want); the padding is sliced off after
-        b, h, i, _ = q.shape
-        e_v = v.shape[-1]
-        per_head_sq = k.shape[1] == 1 and k_sq.shape[1] > 1  # shared keys, one metric per head
-        q_extra = -torch.eye(h, dtype=q.dtype, device=q.device) if per_head_sq else q.new_full((1, 1), -1.0)
-        k_extra = rearrange(k_sq, "b h j -> b 1 j h" if per_head_sq else "b h j -> b h j 1").to(k.dtype) / 2
-        e = q.shape[-1] + q_extra.shape[-1]
-        width = e + (-e) % 8
-        q = torch.cat((q, rearrange(q_extra, "h s -> 1 h 1 s").expand(b, h, i, -1),
-                       q.new_zeros(()).expand(b, h, i, width - e)), dim=-1)
-        k = torch.cat((k, k_extra, k.new_zeros(()).expand(*k.shape[:-1], width - e)), dim=-1)
-        v = F.pad(v, (0, width - e_v))
-        return self.dot_product(q, k, v, mask=mask, scale=2 * scale)[..., :e_v]
-
-    def dot_product(self, q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor | None = None,
-                    scale: float | None = None) -> Tensor:
-        """softmax(scale q.k) v on this backend's kernels (einsum for the written-out backends, SDPA
-        otherwise), whatever the backend's similarity: for callers that already put their
-        similarity in dot-product form (VNAttention's L2 attention with folded projections)."""
-        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        width = q.shape[-1] - q_spare
+        scale = width ** -0.5 if scale is None else scale
+        l2 = self.backend in ("l2", "l2_math")
+        m = 2.0 if l2 else 1.0
+        term = key_bias
+        if l2:
+            k_sq = k.pow(2).sum(-1) if k_sq is None else k_sq
+            term = -k_sq if term is None else term - k_sq
+        if q_spare:
+            q_core = q[..., :width]
+        else:
+            q_core = q
         if self.backend in ("math", "l2_math"):
-            return self._written_out(q, k, v, mask=mask, scale=scale)
+            return self._written_out(q_core, k, v, mask=mask, scale=scale, m=m, key_term=term)
+        if term is None:
+            return self._dot_product(q_core, k, v, mask=mask, scale=scale)
+        return self._augmented(q, k, v, mask=mask, scale=scale, m=m, key_term=term, q_spare=q_spare)
+
+    def _augmented(self, q: Tensor, k: Tensor, v: Tensor, *, mask, scale: float, m: float, key_term: Tensor,
+                   q_spare: int) -> Tensor:
+        """scale (m q.k + t_j) as the dot product m scale (q'.k'), q' = [q, 1], k' = [k, t_j / m]; a key
+        term per head on shared keys takes one slot per head (q' one-hot per head). Widths are padded
+        to a multiple of 8 (what the fused kernels want); the padding is sliced off the output."""
+        b, h, i, e = q.shape
+        width, e_v = e - q_spare, v.shape[-1]
+        per_head = k.shape[1] == 1 and key_term.shape[1] > 1
+        slots = h if per_head else 1
+        q_extra = torch.eye(h, dtype=q.dtype, device=q.device) if per_head else q.new_ones((1, 1))
+        k_extra = rearrange(key_term, "b h j -> b 1 j h" if per_head else "b h j -> b h j 1").to(k.dtype) / m
+        if q_spare >= slots:  # write the slots into q's reserved zero features: no copy of q
+            q[..., width:width + slots] = rearrange(q_extra, "h s -> 1 h 1 s")
+            total = e
+        else:
+            total = width + slots + (-(width + slots)) % 8
+            q = torch.cat((q[..., :width], rearrange(q_extra, "h s -> 1 h 1 s").expand(b, h, i, -1),
+                           q.new_zeros(()).expand(b, h, i, total - width - slots)), dim=-1)
+        k_aug = torch.cat((k, k_extra, k.new_zeros(()).expand(*k.shape[:-1], total - width - slots)), dim=-1)
+        v_aug = k_aug if v is k else F.pad(v, (0, total - e_v))  # shared kv stays one tensor
+        return self._dot_product(q, k_aug, v_aug, mask=mask, scale=m * scale)[..., :e_v]
+
+    def _dot_product(self, q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor | None, scale: float) -> Tensor:
+        """softmax(scale q.k) v on SDPA; shared keys take the heads as query rows."""
         b, h, i, _ = q.shape
         shared = k.shape[1] == 1 and h > 1
         if shared:
@@ -144,17 +169,18 @@ class Attend(nn.Module):
         out = self._sdpa(q, k, v, mask=_key_mask(mask), scale=scale)
         return out.view(b, h, i, v.shape[-1]) if shared else out
 
-    def _written_out(self, q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor | None, scale: float,
-                     key_bias: Tensor | None = None) -> Tensor:
-        """softmax(scale (q.k - key_bias_j)) v with key_bias (b h j) or (b 1 j); q.k doubled when
-        key_bias is given (the L2 form 2 q.k - |k|^2)."""
+    def _written_out(self, q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor | None, scale: float, m: float = 1.0,
+                     key_term: Tensor | None = None) -> Tensor:
+        """softmax(scale (m q.k + key_term_j)) v, key_term (b h j) or (b 1 j), written out."""
         self.last_kernel = "einsum"
         b, h, i, _ = q.shape
         j = k.shape[-2]
         heads_as_rows = "b h i e -> b 1 (h i) e" if k.shape[1] == 1 and h > 1 else "b h i e -> b h i e"
         sim = torch.matmul(rearrange(q, heads_as_rows), k.transpose(-1, -2)).view(b, h, i, j)
-        if key_bias is not None:
-            sim = 2 * sim - rearrange(key_bias, "b h j -> b h 1 j")
+        if m != 1.0:
+            sim = m * sim
+        if key_term is not None:
+            sim = sim + rearrange(key_term, "b h j -> b h 1 j")
         sim = sim * scale
         mask = _key_mask(mask)
         if mask is not None:

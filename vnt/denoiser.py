@@ -93,12 +93,6 @@ def masked_mse(pred, target, mask) -> torch.Tensor:
     return sq.sum() / mask.sum().clamp(min=1) / 3.0
 
 
-class Displacement(torch.nn.Module):
-    """The denoiser in the call ``equivariance_error`` makes: ``(coors, feats=tokens, mask=mask)``."""
-
-    def __init__(self, denoiser: torch.nn.Module):
-        super().__init__()
-        self.denoiser = denoiser
-
-    def forward(self, coors, feats=None, mask=None):
-        return self.denoiser(coors, tokens=feats, mask=mask)
+def displacement_call(denoiser, coors, tokens, mask):
+    """``vnt.equivariance_error``'s call for the denoiser: its token ids go in as ``feats``."""
+    return denoiser(coors, tokens=tokens, mask=mask)

@@ -28,7 +28,7 @@ from torch import Tensor
 from vnt import layers
 from vnt.rotations import random_rotations
 
-__all__ = ["EquivarianceError", "equivariance_error", "rounding_floor", "DTYPE_TOLERANCES"]
+__all__ = ["EquivarianceError", "equivariance_error", "keyword_call", "rounding_floor", "DTYPE_TOLERANCES"]
 
 # relative-error tolerances by dtype for equivariance tests (bias_epsilon = 0)
 DTYPE_TOLERANCES = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 5e-2}
@@ -45,15 +45,21 @@ def _split(out):
     return (out[0], out[1]) if isinstance(out, tuple) else (out, None)
 
 
+def keyword_call(model, coors: Tensor, feats: Tensor | None, mask: Tensor | None):
+    """The default call: ``model(coors, feats=feats, mask=mask)`` (VNTransformer, the original's)."""
+    return model(coors, feats=feats, mask=mask)
+
+
 def equivariance_error(model, coors: Tensor, *, feats: Tensor | None = None, mask: Tensor | None = None,
                        num_rotations: int = 4, translate: bool = False, translation_scale: float = 10.0,
                        output_translates: bool | None = None, autocast_dtype: torch.dtype | None = None,
-                       input_dtype: torch.dtype | None = None,
-                       generator: torch.Generator | None = None) -> EquivarianceError:
+                       input_dtype: torch.dtype | None = None, generator: torch.Generator | None = None,
+                       call=keyword_call) -> EquivarianceError:
     """Max relative and absolute error of ``model`` under ``num_rotations`` random rotations.
 
-    model: called as ``model(coors, feats=feats, mask=mask)``; returns coors_out (b, n, 3) or
-      (b, n, d, 3), or (coors_out, feats_out).
+    model: a module; ``call(model, coors, feats, mask)`` runs it (default ``model(coors,
+      feats=feats, mask=mask)``; a model with other keywords passes its own adapter) and returns
+      coors_out (b, n, 3) or (b, n, d, 3), or (coors_out, feats_out).
     coors: (b, n, 3), any float dtype; cast to the model's parameter dtype after transforming.
     translate: add a different random translation per sample (SE(3) check). Whether the output
       should move with it is read from ``model.config.translation_equivariance`` unless
@@ -77,7 +83,7 @@ def equivariance_error(model, coors: Tensor, *, feats: Tensor | None = None, mas
         with torch.no_grad(), autocast:
             if input_dtype is not None:
                 x = x.to(input_dtype)
-            return _split(model(x.to(run_dtype), feats=feats, mask=mask))
+            return _split(call(model, x.to(run_dtype), feats, mask))
 
     c0, f0 = run(x64)
     c0, f0 = c0.to(torch.float64), None if f0 is None else f0.to(torch.float64)
@@ -107,7 +113,7 @@ def equivariance_error(model, coors: Tensor, *, feats: Tensor | None = None, mas
 def _vn_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The outermost VN building blocks of ``model``: the tensors a forward pass stores between them."""
     kinds = (layers.VNLinear, layers.VNReLU, layers.VNLayerNorm, layers.VNFeedForward, layers.VNAttention,
-             layers.VNWeightedPool, layers.VNInvariant)
+             layers.VNWeightedPool, layers.VNInvariant)  # vnt.compat's blocks are these too
     blocks: list[torch.nn.Module] = []
 
     def visit(module):

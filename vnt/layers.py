@@ -9,17 +9,26 @@ fusion), d channels.
 
 A rotation acts on ``c``; every op here either mixes only ``d`` (linear maps) or reduces ``c`` with
 an inner product (norms, projections), hence is equivariant.
+
+These are vnt's fast blocks; ``vnt.VNLinear`` etc. (``vnt.compat``) wrap them in the original
+package's ``(..., d, c)`` layout and keywords. The composite blocks (``VNFeedForward``,
+``VNAttention``, ``VNTransformerEncoder``) take the resolved model config (``VNTransformerConfig``,
+or any object with its fields), the way nanoGPT's blocks take ``config``.
 """
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from vnt.attend import DEFAULT_SDPA_KERNELS, Attend, resolve_backend
+from vnt.attend import Attend
+
+if TYPE_CHECKING:
+    from vnt.model import VNTransformerConfig
 
 
 # VNReLU's default k_norm_floor (its docstring says why); the model config and every block take it from here
@@ -43,20 +52,25 @@ def check_features(x: Tensor, dim: int, block: str, *, ndim: int | None = None) 
 
 class VNLinear(nn.Module):
     """(..., c, dim_in) -> (..., c, dim_out). ``bias_epsilon > 0`` adds a bias of norm epsilon to
-    every coordinate component (the paper's epsilon-approximate equivariance)."""
+    every coordinate component (the paper's epsilon-approximate equivariance). A VNLinear that fuses
+    ``maps`` linear maps (stacked rows, e.g. attention's q, k, v) normalises each map's bias on its
+    own: every map's bias has norm epsilon, as if they were separate layers."""
 
-    def __init__(self, dim_in: int, dim_out: int, *, bias_epsilon: float = 0.0):
+    def __init__(self, dim_in: int, dim_out: int, *, bias_epsilon: float = 0.0, maps: int = 1):
         super().__init__()
         if bias_epsilon < 0:
             raise ValueError(f"bias_epsilon must be >= 0, got {bias_epsilon}")
+        if dim_out % maps:
+            raise ValueError(f"dim_out {dim_out} does not split into {maps} maps")
         self.weight = nn.Parameter(_fan_in_normal_(torch.empty(dim_out, dim_in), dim_in))
         self.bias_epsilon = bias_epsilon
+        self.maps = maps
         self.bias = nn.Parameter(torch.randn(dim_out)) if bias_epsilon > 0 else None
 
     def effective_bias(self) -> Tensor | None:
         if self.bias is None:
             return None
-        return F.normalize(self.bias, dim=-1) * self.bias_epsilon
+        return (F.normalize(self.bias.view(self.maps, -1), dim=-1) * self.bias_epsilon).view(-1)
 
     def forward(self, x: Tensor) -> Tensor:
         check_features(x, self.weight.shape[1], "VNLinear")
@@ -137,14 +151,15 @@ class VNLayerNorm(nn.Module):
         sq = (x * x).sum(dim=-2, keepdim=True)                          # (..., 1, d)
         if not self.subtract_mean:
             return x * (self.gamma * torch.rsqrt(sq.mean(dim=-1, keepdim=True) + self.eps ** 2))
-        # smooth norm: finite gradient at the zero vector (padding, empty samples)
+        # smooth norm: finite gradient at the zero vector (padding, empty samples); the layer norm's
+        # own eps is F.layer_norm's default, as in the original package
         norms = (sq + self.eps ** 2).sqrt()
-        normed = F.layer_norm(norms, norms.shape[-1:], self.gamma, None, eps=self.eps)
+        normed = F.layer_norm(norms, norms.shape[-1:], self.gamma, None)
         return x * (normed / norms)
 
 
 class VNFeedForward(nn.Module):
-    """VNLinear -> VNReLU -> VNLinear, hidden width ``dim * mult``.
+    """VNLinear -> VNReLU -> VNLinear, hidden width ``dim * ff_mult``.
 
     The VN-ReLU's own maps [W; U] act right after the first VNLinear L, so forward applies the
     composed map [W; U] L (and bias [W; U] b) in one GEMM: the same function and parameters (the
@@ -156,13 +171,12 @@ class VNFeedForward(nn.Module):
     # trainer gathers them for this module (vnt.train registers them as external parameters)
     uses_child_weights = True
 
-    def __init__(self, dim: int, *, mult: float = 4, bias_epsilon: float = 0.0, negative_slope: float = 0.0,
-                 k_norm_floor: float = RELU_K_NORM_FLOOR):
+    def __init__(self, cfg: "VNTransformerConfig"):
         super().__init__()
-        dim_inner = int(dim * mult)
-        self.proj_in = VNLinear(dim, dim_inner, bias_epsilon=bias_epsilon)
-        self.act = VNReLU(dim_inner, negative_slope=negative_slope, k_norm_floor=k_norm_floor)
-        self.proj_out = VNLinear(dim_inner, dim, bias_epsilon=bias_epsilon)
+        dim_inner = int(cfg.dim * cfg.ff_mult)
+        self.proj_in = VNLinear(cfg.dim, dim_inner, bias_epsilon=cfg.bias_epsilon)
+        self.act = VNReLU(dim_inner, negative_slope=cfg.relu_negative_slope, k_norm_floor=cfg.relu_k_norm_floor)
+        self.proj_out = VNLinear(dim_inner, cfg.dim, bias_epsilon=cfg.bias_epsilon)
 
     def forward(self, x: Tensor) -> Tensor:
         check_features(x, self.proj_in.weight.shape[1], "VNFeedForward")
@@ -203,58 +217,54 @@ class VNAttention(nn.Module):
     features, whose inner products are rotation invariant. ``num_latents`` turns it into
     perceiver-style cross attention from pooled latents (b, m, c, d) to the sequence.
 
-    Keywords of the original package are accepted: ``l2_dist_attn=True`` means ``attn_backend="l2"``,
-    ``flash=True`` means ``"sdpa"``; ``dim_coor`` is the width c of the coordinate axis the attention
-    sees (3, or 3 + dim_feat with early fusion). It sets the initial scale of L2 attention's tied
-    query/key map: a point's squared distance to itself is 0 and to another point about
-    2 e var(q), e = c * dim_head, so at fan-in scale the softmax (scale e^-1/2) favours each point
-    itself by about 2 sqrt(e) nats (tens: saturated, a near-identity map whose outputs stay parallel
-    and whose gradients vanish). The tied map starts at (2 sqrt(e))^-1/2 times the fan-in scale,
-    which makes that margin about one nat for unit-variance features.
+    ``cfg.dim_coor_total`` is c, the width of the coordinate axis (3, or 3 + dim_feat with early
+    fusion). It sets the initial scale of L2 attention's tied query/key map: a point's squared
+    distance to itself is 0 and to another point about 2 e var(q), e = c * dim_head, so at fan-in
+    scale the softmax (scale e^-1/2) favours each point itself by about 2 sqrt(e) nats (tens:
+    saturated, a near-identity map whose outputs stay parallel and whose gradients vanish). The
+    tied map starts at (2 sqrt(e))^-1/2 times the fan-in scale, which makes that margin about one
+    nat for unit-variance features.
 
-    Folded form (self attention without epsilon bias, ``dim <= dim_head``; same parameters, same
-    function): with per-head maps Wq, Wk, Wv (dim_head x dim) and Wo (dim x dim_head),
-        q_i . k_j = sum_c x_ic (Wq^T Wk) x_jc    and    Wo (sum_j a_ij Wv x_j) = (Wo Wv) sum_j a_ij x_j,
-    so each head needs only two (dim x dim) maps, computed from the weights per call, and keys and
-    values are x itself, shared by every head. That skips the key and output projections and all
-    head split/merge copies; the attention's inner products run over (c, dim) instead of
-    (c, dim_head) features, hence the ``dim <= dim_head`` condition. ``fold=False`` forces the
-    projected form (tests compare the two).
+    Folded form (self attention, ``dim <= dim_head``; same parameters, same function): with per-head
+    maps Wq, Wk, Wv (dim_head x dim), Wo (dim x dim_head) and epsilon biases bq, bk, bv, bo (added to
+    every coordinate component),
+        q_i . k_j = sum_c x_ic (Wq^T Wk) x_jc + (Wk^T bq) . s_j + (terms constant along j),
+        Wo (sum_j a_ij (Wv x_j + bv)) + bo = (Wo Wv) sum_j a_ij x_j + (Wo bv + bo),
+    with s_j = sum_c x_jc (the bias term that breaks equivariance) and sum_j a_ij = 1. So each head
+    needs two (dim x dim) maps computed from the weights per call, a key bias (Attend's key term)
+    and a constant; keys and values are x itself, shared by every head. That skips the key and
+    output projections and all head split/merge copies; the attention's inner products run over
+    (c, dim) instead of (c, dim_head) features, hence the ``dim <= dim_head`` condition. For L2
+    attention the tied biases cancel in |q_i - q_j|^2. ``cfg.attn_fold=False`` forces the projected
+    form (tests compare the two).
     """
 
     uses_child_weights = True  # the folded maps and VNLinear.split read to_qkv / to_out weights (see VNFeedForward)
 
-    def __init__(self, dim: int, *, dim_head: int = 64, heads: int = 8, dim_coor: int = 3, bias_epsilon: float = 0.0,
-                 attn_backend: str | None = None, l2_dist_attn: bool = False, flash: bool = False,
-                 sdpa_kernels: tuple[str, ...] = DEFAULT_SDPA_KERNELS, num_latents: int | None = None,
-                 fold: bool | None = None):
+    def __init__(self, cfg: "VNTransformerConfig", *, num_latents: int | None = None):
         super().__init__()
-        if dim_coor < 1:
-            raise ValueError(f"dim_coor must be a positive integer, got {dim_coor}")
-        attn_backend = resolve_backend(attn_backend=attn_backend, flash_attn=flash, l2_dist_attn=l2_dist_attn)
-        self.dim = dim
-        self.heads = heads
-        self.dim_head = dim_head
+        dim, dim_head, heads, c = cfg.dim, cfg.dim_head, cfg.heads, cfg.dim_coor_total
+        self.dim, self.heads, self.dim_head = dim, heads, dim_head
         dim_inner = dim_head * heads
-        foldable = num_latents is None and bias_epsilon == 0
-        if fold and not foldable:
-            raise ValueError("fold=True needs self attention (num_latents=None) without bias (bias_epsilon=0)")
-        self.fold = foldable and dim <= dim_head if fold is None else fold
-        self.attend = Attend(backend=attn_backend, sdpa_kernels=sdpa_kernels)
+        if cfg.attn_fold and num_latents is not None:
+            raise ValueError("attn_fold=True needs self attention (num_latents=None)")
+        self.fold = num_latents is None and (dim <= dim_head if cfg.attn_fold is None else cfg.attn_fold)
+        self.attend = Attend(backend=cfg.attn_backend, sdpa_kernels=cfg.sdpa_kernels)
         self.to_latents = (VNWeightedPool(dim, num_pooled_tokens=num_latents, squeeze_out_pooled_dim=False)
                            if num_latents is not None else None)
         # L2-distance attention ties queries to keys (self attention only)
-        self.tied_qk = attn_backend in ("l2", "l2_math") and num_latents is None
+        self.tied_qk = cfg.attn_backend in ("l2", "l2_math") and num_latents is None
+        eps = cfg.bias_epsilon
         if num_latents is None:
-            n_proj = 2 if self.tied_qk else 3
-            self.to_qkv = VNLinear(dim, n_proj * dim_inner, bias_epsilon=bias_epsilon)
+            parts = 2 if self.tied_qk else 3
+            self.to_qkv = VNLinear(dim, parts * dim_inner, bias_epsilon=eps, maps=parts)
             if self.tied_qk:  # see the class docstring: the self-distance must not saturate the softmax
                 with torch.no_grad():
-                    self.to_qkv.weight[:dim_inner].mul_((2 * math.sqrt(dim_coor * dim_head)) ** -0.5)
+                    self.to_qkv.weight[:dim_inner].mul_((2 * math.sqrt(c * dim_head)) ** -0.5)
         else:
-            self.to_q = VNLinear(dim, dim_inner, bias_epsilon=bias_epsilon)
-            self.to_kv = VNLinear(dim, 2 * dim_inner, bias_epsilon=bias_epsilon)
-        self.to_out = VNLinear(dim_inner, dim, bias_epsilon=bias_epsilon)
+            self.to_q = VNLinear(dim, dim_inner, bias_epsilon=eps)
+            self.to_kv = VNLinear(dim, 2 * dim_inner, bias_epsilon=eps, maps=2)
+        self.to_out = VNLinear(dim_inner, dim, bias_epsilon=eps)
 
     def forward(self, x: Tensor, *, mask: Tensor | None = None) -> Tensor:
         check_features(x, self.dim, "VNAttention", ndim=4)
@@ -276,37 +286,36 @@ class VNAttention(nn.Module):
 
     def _forward_folded(self, x: Tensor, *, mask: Tensor | None) -> Tensor:
         b, n, c, d = x.shape
-        h = self.heads
-        w = rearrange(self.to_qkv.weight, "(p h e) d -> p h e d", h=h, p=2 if self.tied_qk else 3)
+        h, parts = self.heads, 2 if self.tied_qk else 3
+        w = rearrange(self.to_qkv.weight, "(p h e) d -> p h e d", h=h, p=parts)
         w_q, w_k, w_v = (w[0], w[0], w[1]) if self.tied_qk else w
         w_o = rearrange(self.to_out.weight, "d (h e) -> h e d", h=h)
         qk_map = w_q.transpose(-1, -2) @ w_k                       # (h, d, d): q.k = (x qk_map) . x
         vo_map = w_v.transpose(-1, -2) @ w_o                       # (h, d, d): x vo_map = Wo Wv x
-        scale = (c * self.dim_head) ** -0.5
-        k_sq = None
+        bias, out_bias = self.to_qkv.effective_bias(), self.to_out.effective_bias()
+        key_bias = k_sq = None
+        if bias is not None:
+            b = rearrange(bias, "(p h e) -> p h e", h=h, p=parts)
+            b_q, b_v = (b[0], b[1]) if self.tied_qk else (b[0], b[2])
+            if not self.tied_qk:  # (Wk^T bq) . s_j per head; the other bias terms are constant along j
+                key_bias = torch.einsum("b n c d, h d -> b h n", x, torch.einsum("h e, h e d -> h d", b_q, w_k))
+            out_bias = torch.einsum("h e, h e d -> d", b_v, w_o) + out_bias
         if self.tied_qk:  # L2 attention: |q_j|^2 = sum_c x_jc qk_map x_jc = <qk_map, x_j^T x_j>, per head
             gram = torch.matmul(x.transpose(-1, -2), x)               # (b, n, d, d)
             k_sq = rearrange(F.linear(rearrange(gram, "b n d e -> b n (d e)"),
                                       rearrange(qk_map, "h d e -> h (d e)")), "b n h -> b h n")
-        # L2 on SDPA runs as dot-product attention on augmented features, sim_ij = 2 scale (q'_i . x_j -
-        # |q_j|^2 / 2), built without copying q: r extra coordinate rows (zero in x, hence zero in q')
-        # carry the augmentation. In q' head h writes -1 into slot h; in the shared keys/values the
-        # slots hold |q_j|^2 / 2 per head. r makes (c + r) d a multiple of 8 for the fused kernels;
-        # the extra rows of the output are dropped after the output map.
-        augment = self.tied_qk and self.attend.uses_sdpa and h <= d
-        r = next(r for r in range(1, 9 + h) if r * d >= h and (c + r) * d % 8 == 0) if augment else 0
+        # r extra coordinate rows (zero in x, hence zero in q) leave Attend room for its augmentation
+        # slots, so q is not copied; (c + r) d a multiple of 8 for the fused kernels
+        slots = self.attend.augment_slots(heads=h, key_term=key_bias is not None)
+        r = next(r for r in range(1, slots + 9) if r * d >= slots and (c + r) * d % 8 == 0) if slots else 0
         q = torch.matmul(rearrange(F.pad(x, (0, 0, 0, r)) if r else x, "b n c d -> b 1 (n c) d"), qk_map)
         q = rearrange(q, "b h (n c) d -> b h n (c d)", c=c + r)   # (b, h, n, (c d)), one map per head
         kv = rearrange(x, "b n c d -> b 1 n (c d)")
-        if augment:
-            q[..., c * d:c * d + h] = -torch.eye(h, dtype=q.dtype, device=q.device)[None, :, None, :]
-            k_extra = F.pad(rearrange(k_sq, "b h n -> b 1 n h") / 2, (0, r * d - h))
-            kv = torch.cat((kv, k_extra), dim=-1)
-            out = self.attend.dot_product(q, kv, kv, mask=mask, scale=2 * scale)
-        else:
-            out = self.attend(q, kv, kv, mask=mask, scale=scale, k_sq=k_sq)
-        out = torch.matmul(rearrange(out, "b h n (c d) -> b h (n c) d", c=c + r), vo_map).sum(dim=1)
-        return rearrange(out, "b (n c) d -> b n c d", c=c + r)[:, :, :c]
+        out = self.attend(q, kv, kv, mask=mask, scale=(c * self.dim_head) ** -0.5, key_bias=key_bias, k_sq=k_sq,
+                          q_spare=r * d)
+        out = torch.matmul(rearrange(out, "b h n (c d) -> b h (n c) d", c=c), vo_map).sum(dim=1)
+        out = rearrange(out, "b (n c) d -> b n c d", c=c)
+        return out if out_bias is None else out + out_bias
 
 
 class VNInvariant(nn.Module):
@@ -323,3 +332,35 @@ class VNInvariant(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         check_features(x, self.frame[0].weight.shape[1], "VNInvariant", ndim=4)
         return torch.einsum("b n c d, b n c o -> b n d o", x, self.frame(x))
+
+
+class VNTransformerEncoder(nn.Module):
+    """depth x [x + LN(attn(x)), x + LN(ff(x))] on (b, n, c, d), post-norm as in the original.
+    c = ``cfg.dim_coor_total`` (3, or 3 + dim_feat with early fusion)."""
+
+    def __init__(self, cfg: "VNTransformerConfig"):
+        super().__init__()
+        self.dim, self.dim_coor = cfg.dim, cfg.dim_coor_total
+        self.layers = nn.ModuleList([
+            nn.ModuleList([
+                VNAttention(cfg),
+                VNLayerNorm(cfg.dim, subtract_mean=cfg.norm_subtract_mean),
+                VNFeedForward(cfg),
+                VNLayerNorm(cfg.dim, subtract_mean=cfg.norm_subtract_mean),
+            ])
+            for _ in range(cfg.depth)
+        ])
+        self.norm = VNLayerNorm(cfg.dim, subtract_mean=cfg.norm_subtract_mean) if cfg.final_norm else nn.Identity()
+
+    def forward(self, x: Tensor, *, mask: Tensor | None = None) -> Tensor:
+        if x.ndim != 4 or x.shape[-2:] != (self.dim_coor, self.dim):
+            raise ValueError(f"expected x of shape (batch, points, dim_coor, dim) = (batch, points, {self.dim_coor}, "
+                             f"{self.dim}), got {tuple(x.shape)}")
+        for attn, attn_norm, ff, ff_norm in self.layers:
+            x = attn_norm(attn(x, mask=mask)) + x
+            x = ff_norm(ff(x)) + x
+        return self.norm(x)
+
+    def attention_kernels(self) -> list[str | None]:
+        """The kernel each attention layer ran in its latest forward."""
+        return [layer[0].attend.last_kernel for layer in self.layers]

@@ -10,8 +10,8 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from vnt.attend import DEFAULT_SDPA_KERNELS, resolve_backend
-from vnt.layers import RELU_K_NORM_FLOOR, VNAttention, VNFeedForward, VNLayerNorm, VNLinear
+from vnt.attend import BACKENDS, DEFAULT_SDPA_KERNELS, resolve_backend
+from vnt.layers import RELU_K_NORM_FLOOR, VNLayerNorm, VNLinear, VNTransformerEncoder
 
 
 # the paper's (and the original package's) VN-LayerNorm and VN-ReLU: VNTransformer(..., **PAPER_NORMS)
@@ -20,7 +20,9 @@ PAPER_NORMS = {"norm_subtract_mean": True, "relu_k_norm_floor": 0.0}
 
 @dataclass(frozen=True)
 class VNTransformerConfig:
-    """Every hyper-parameter of a VNTransformer; checkpoints and reports record this."""
+    """Every hyper-parameter of a VNTransformer, resolved: checkpoints and reports record this, and
+    the blocks take it (``vnt.layers``). The original package's ``l2_dist_attn`` / ``flash_attn`` are
+    resolved into ``attn_backend`` at the public edge (``VNTransformer``, ``from_dict``, ``vnt.compat``)."""
 
     dim: int
     depth: int
@@ -31,11 +33,9 @@ class VNTransformerConfig:
     dim_coor: int = 3
     reduce_dim_out: bool = True
     bias_epsilon: float = 0.0
-    l2_dist_attn: bool = False
-    flash_attn: bool = False
     translation_equivariance: bool = False
     translation_invariant: bool = False
-    attn_backend: str | None = None       # "math" | "sdpa" | "l2" | "l2_math"; None: from the flags
+    attn_backend: str = "math"            # "math" | "sdpa" (the original's flash_attn) | "l2" (l2_dist_attn) | "l2_math"
     sdpa_kernels: tuple[str, ...] = DEFAULT_SDPA_KERNELS
     attn_fold: bool | None = None         # folded (multi-query) attention; None: when dim <= dim_head
     ff_mult: float = 4
@@ -50,16 +50,15 @@ class VNTransformerConfig:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if self.translation_equivariance and self.translation_invariant:
             raise ValueError("translation_equivariance and translation_invariant are mutually exclusive")
-        if self.num_tokens is not None and self.dim_feat is None:
-            object.__setattr__(self, "dim_feat", self.dim)  # token embeddings are dim_feat wide
+        if self.bias_epsilon < 0:
+            raise ValueError(f"bias_epsilon must be >= 0, got {self.bias_epsilon}")
+        if self.attn_backend not in BACKENDS:
+            raise ValueError(f"attn_backend must be one of {BACKENDS}, got {self.attn_backend!r}")
         if self.attn_fold not in (None, True, False):
             raise ValueError(f"attn_fold must be None (automatic), True or False, got {self.attn_fold!r}")
-        if self.attn_fold and self.bias_epsilon > 0:
-            raise ValueError("attn_fold=True needs bias_epsilon=0: the epsilon bias does not fold into the "
-                             "per-head maps")
+        if self.num_tokens is not None and self.dim_feat is None:
+            object.__setattr__(self, "dim_feat", self.dim)  # token embeddings are dim_feat wide
         object.__setattr__(self, "sdpa_kernels", tuple(self.sdpa_kernels))
-        object.__setattr__(self, "attn_backend", resolve_backend(
-            attn_backend=self.attn_backend, flash_attn=self.flash_attn, l2_dist_attn=self.l2_dist_attn))
 
     @property
     def dim_coor_total(self) -> int:
@@ -70,55 +69,16 @@ class VNTransformerConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "VNTransformerConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
+        """From ``to_dict`` output, or a dict with the original's ``flash_attn`` / ``l2_dist_attn``
+        (configs written before they were resolved into ``attn_backend``)."""
+        d = dict(d)
+        flags = {k: bool(d.pop(k, False)) for k in ("flash_attn", "l2_dist_attn")}
+        if any(flags.values()) or d.get("attn_backend") is None:
+            d["attn_backend"] = resolve_backend(attn_backend=d.get("attn_backend"), **flags)
+        unknown = set(d) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(f"unknown VNTransformerConfig keys: {sorted(unknown)}")
         return cls(**d)
-
-
-class VNTransformerEncoder(nn.Module):
-    """depth x [x + LN(attn(x)), x + LN(ff(x))] on (b, n, c, d), post-norm as in the original.
-
-    ``dim_coor`` is c (3, or 3 + dim_feat with early fusion); ``l2_dist_attn`` / ``flash_attn`` are
-    the original's names for ``attn_backend="l2"`` / ``"sdpa"``.
-    """
-
-    def __init__(self, dim: int, *, depth: int, dim_head: int = 64, heads: int = 8, dim_coor: int = 3,
-                 ff_mult: float = 4, final_norm: bool = False, bias_epsilon: float = 0.0,
-                 attn_backend: str | None = None, l2_dist_attn: bool = False, flash_attn: bool = False,
-                 sdpa_kernels: tuple[str, ...] = DEFAULT_SDPA_KERNELS, relu_negative_slope: float = 0.0,
-                 relu_k_norm_floor: float = RELU_K_NORM_FLOOR, norm_subtract_mean: bool = False,
-                 attn_fold: bool | None = None):
-        super().__init__()
-        self.dim = dim
-        self.dim_coor = dim_coor
-        self.layers = nn.ModuleList([
-            nn.ModuleList([
-                VNAttention(dim, dim_head=dim_head, heads=heads, dim_coor=dim_coor, bias_epsilon=bias_epsilon,
-                            attn_backend=attn_backend, l2_dist_attn=l2_dist_attn, flash=flash_attn,
-                            sdpa_kernels=sdpa_kernels, fold=attn_fold),
-                VNLayerNorm(dim, subtract_mean=norm_subtract_mean),
-                VNFeedForward(dim, mult=ff_mult, bias_epsilon=bias_epsilon, negative_slope=relu_negative_slope,
-                              k_norm_floor=relu_k_norm_floor),
-                VNLayerNorm(dim, subtract_mean=norm_subtract_mean),
-            ])
-            for _ in range(depth)
-        ])
-        self.norm = VNLayerNorm(dim, subtract_mean=norm_subtract_mean) if final_norm else nn.Identity()
-
-    def forward(self, x: Tensor, *, mask: Tensor | None = None) -> Tensor:
-        if x.ndim != 4 or x.shape[-2:] != (self.dim_coor, self.dim):
-            raise ValueError(f"expected x of shape (batch, points, dim_coor, dim) = (batch, points, {self.dim_coor}, "
-                             f"{self.dim}), got {tuple(x.shape)}")
-        for attn, attn_norm, ff, ff_norm in self.layers:
-            x = attn_norm(attn(x, mask=mask)) + x
-            x = ff_norm(ff(x)) + x
-        return self.norm(x)
-
-    def attention_kernels(self) -> list[str | None]:
-        """The kernel each attention layer ran in its latest forward."""
-        return [layer[0].attend.last_kernel for layer in self.layers]
 
 
 class VNTransformer(nn.Module):
@@ -126,28 +86,32 @@ class VNTransformer(nn.Module):
 
     forward(coors (b, n, dim_coor), *, feats=None, mask=None) -> coors_out, or (coors_out, feats_out)
     when feats are given. ``feats`` are floats (b, n, dim_feat), fused early as extra coordinate
-    components, or token ids (b, n) with ``num_tokens``.
+    components, or token ids (b, n) with ``num_tokens``. The original's ``flash_attn`` /
+    ``l2_dist_attn`` are resolved here into ``attn_backend``; every other keyword is a
+    ``VNTransformerConfig`` field.
     """
 
-    def __init__(self, *, dim: int, depth: int, **kwargs):
+    def __init__(self, *, dim: int, depth: int, flash_attn: bool = False, l2_dist_attn: bool = False,
+                 attn_backend: str | None = None, **kwargs):
         super().__init__()
-        cfg = VNTransformerConfig(dim=dim, depth=depth, **kwargs)
-        self.config = cfg
-        self.token_emb = nn.Embedding(cfg.num_tokens, cfg.dim_feat) if cfg.num_tokens is not None else None
-        self.proj_in = VNLinear(1, dim, bias_epsilon=cfg.bias_epsilon)
-        self.encoder = VNTransformerEncoder(
-            dim, depth=depth, dim_head=cfg.dim_head, heads=cfg.heads, dim_coor=cfg.dim_coor_total,
-            ff_mult=cfg.ff_mult, final_norm=cfg.final_norm, bias_epsilon=cfg.bias_epsilon, attn_backend=cfg.attn_backend,
-            sdpa_kernels=cfg.sdpa_kernels, relu_negative_slope=cfg.relu_negative_slope,
-            relu_k_norm_floor=cfg.relu_k_norm_floor, norm_subtract_mean=cfg.norm_subtract_mean, attn_fold=cfg.attn_fold)
-        if cfg.reduce_dim_out:
-            self.out_norm = VNLayerNorm(dim, subtract_mean=cfg.norm_subtract_mean)
-            self.proj_out = VNLinear(dim, 1, bias_epsilon=cfg.bias_epsilon)
+        backend = resolve_backend(attn_backend=attn_backend, flash_attn=flash_attn, l2_dist_attn=l2_dist_attn)
+        self._build(VNTransformerConfig(dim=dim, depth=depth, attn_backend=backend, **kwargs))
 
     @classmethod
     def from_config(cls, cfg: VNTransformerConfig) -> "VNTransformer":
-        d = cfg.to_dict()
-        return cls(dim=d.pop("dim"), depth=d.pop("depth"), **d)
+        model = cls.__new__(cls)
+        nn.Module.__init__(model)
+        model._build(cfg)
+        return model
+
+    def _build(self, cfg: VNTransformerConfig) -> None:
+        self.config = cfg
+        self.token_emb = nn.Embedding(cfg.num_tokens, cfg.dim_feat) if cfg.num_tokens is not None else None
+        self.proj_in = VNLinear(1, cfg.dim, bias_epsilon=cfg.bias_epsilon)
+        self.encoder = VNTransformerEncoder(cfg)
+        if cfg.reduce_dim_out:
+            self.out_norm = VNLayerNorm(cfg.dim, subtract_mean=cfg.norm_subtract_mean)
+            self.proj_out = VNLinear(cfg.dim, 1, bias_epsilon=cfg.bias_epsilon)
 
     def _check_inputs(self, coors: Tensor, feats: Tensor | None, mask: Tensor | None) -> None:
         cfg = self.config

@@ -1,4 +1,5 @@
-"""Rotations in 3D: Haar-uniform random samples (batched) and Euler angles (ZYZ)."""
+"""Rotations in 3D: Haar-uniform random samples (batched), Euler angles (ZYZ), and the original
+package's ``rot``."""
 from __future__ import annotations
 
 import torch
@@ -43,3 +44,12 @@ def euler_rotation(alpha, beta, gamma) -> Tensor:
     """R = Rz(alpha) Ry(beta) Rz(gamma); angles are floats or broadcastable tensors -> (..., 3, 3)."""
     alpha, beta, gamma = torch.broadcast_tensors(*(torch.as_tensor(a, dtype=torch.float64) for a in (alpha, beta, gamma)))
     return rot_z(alpha) @ rot_y(beta) @ rot_z(gamma)
+
+
+def rot(alpha, beta, gamma) -> Tensor:
+    """The original package's ``rot``: Rz(alpha) Ry(beta) Rz(gamma), a (3, 3) rotation in the angles'
+    dtype (tensors), or the default dtype (Python numbers). Same as ``euler_rotation``, which works in
+    float64 and broadcasts."""
+    angles = [a for a in (alpha, beta, gamma) if isinstance(a, Tensor) and a.is_floating_point()]
+    dtype = angles[0].dtype if angles else torch.get_default_dtype()
+    return euler_rotation(*(torch.as_tensor(a).detach().double() for a in (alpha, beta, gamma))).to(dtype)

@@ -36,7 +36,7 @@ import torch
 from vnt import checkpoint
 from vnt.config import OptimConfig, RunConfig, TrainConfig, flag_name
 from vnt.data import DataConfig, ProteinBatches, ShardedBatchSampler, load_proteins, validation_batches
-from vnt.denoiser import BackboneDenoiser, Displacement, denoise, masked_mse, model_inputs, validation_seeds
+from vnt.denoiser import BackboneDenoiser, denoise, displacement_call, masked_mse, model_inputs, validation_seeds
 from vnt.equivariance import equivariance_error, rounding_floor
 from vnt.model import VNTransformerConfig
 
@@ -376,10 +376,10 @@ class Trainer:
         noisy, _, tokens, mask = model_inputs(batch, sigma=run.sigma, generator=torch.Generator().manual_seed(run.seed))
         coors, tokens, mask = (noisy * run.coord_scale).to(self.device), tokens.to(self.device), mask.to(self.device)
         dtype = next(model.parameters()).dtype
-        target = Displacement(model)
-        kw = dict(feats=tokens, mask=mask, num_rotations=4, translate=True, output_translates=False)
-        err = equivariance_error(target, coors, generator=torch.Generator().manual_seed(run.seed), **kw)
-        floor = rounding_floor(target, coors, dtype=dtype, generator=torch.Generator().manual_seed(run.seed), **kw)
+        kw = dict(feats=tokens, mask=mask, num_rotations=4, translate=True, output_translates=False,
+                  call=displacement_call)
+        err = equivariance_error(model, coors, generator=torch.Generator().manual_seed(run.seed), **kw)
+        floor = rounding_floor(model, coors, dtype=dtype, generator=torch.Generator().manual_seed(run.seed), **kw)
         model.train(was_training)
         return {"equiv_rel_err": err.rel, "equiv_rel_err_input_rounding_floor": floor.rel,
                 "equiv_dtype": str(dtype).removeprefix("torch."), "equiv_points": int(mask.sum())}

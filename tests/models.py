@@ -1,0 +1,34 @@
+"""Small models and inputs shared by the model tests."""
+import torch
+
+from vnt import VNTransformer, VNTransformerConfig
+
+BACKENDS = ["math", "sdpa", "l2", "l2_math"]
+FUSION = {"fusion_off": None, "fusion_on": 8}
+
+
+def small_model(backend, dim_feat=None, dtype=torch.float64, **kw):
+    kw = {"dim": 16, "depth": 2, "dim_head": 8, "heads": 2, **kw}
+    return VNTransformer(dim_feat=dim_feat, attn_backend=backend, **kw).to(dtype)
+
+
+def block_cfg(dim, **kw) -> VNTransformerConfig:
+    """The config vnt.layers' composite blocks take (depth is the encoder's, unused by a block)."""
+    return VNTransformerConfig(dim=dim, depth=1, **kw)
+
+
+def inputs(b=3, n=20, dim_feat=None, dtype=torch.float64, pad=True):
+    coors = torch.randn(b, n, 3, dtype=dtype)
+    feats = torch.randn(b, n, dim_feat, dtype=dtype) if dim_feat else None
+    mask = torch.ones(b, n, dtype=torch.bool)
+    if pad:
+        mask[1, n // 2:] = False
+        mask[2, n - 3:] = False
+        coors = coors.masked_fill(~mask[..., None], 1e3)  # garbage in the padding
+        coors[1, -1] = float("nan")
+    return coors, feats, mask
+
+
+def rotate(x, rot):
+    """VN features (b, n, c, d) rotated on their coordinate axis."""
+    return torch.einsum("b n c d, e c -> b n e d", x, rot)

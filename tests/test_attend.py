@@ -1,0 +1,99 @@
+"""vnt.attend.Attend: every backend against the written-out reference, key terms on the fused
+kernels, shared keys, the L2 formula, kernel choice."""
+import pytest
+import torch
+
+from models import BACKENDS
+from vnt.attend import Attend
+
+
+def qkv(b=2, h=3, n=10, e=16, shared=False):
+    q = torch.randn(b, h, n, e, dtype=torch.float64)
+    k = torch.randn(b, 1 if shared else h, n, e, dtype=torch.float64)
+    v = torch.randn(b, 1 if shared else h, n, e, dtype=torch.float64)
+    mask = torch.ones(b, n, dtype=torch.bool)
+    mask[1, 6:] = False
+    return q, k, v, mask
+
+
+def reference(q, k, v, mask, scale, *, l2=False, key_bias=None):
+    """softmax over j of scale * (q.k + key_bias_j) or -scale |q_i - k_j|^2 (+ key_bias), written with
+    cdist for L2, on per-head copies of shared keys."""
+    k, v = (t.expand(q.shape[0], q.shape[1], *t.shape[2:]) for t in (k, v))
+    sim = -torch.cdist(q, k).square() if l2 else q @ k.transpose(-1, -2)
+    if key_bias is not None:
+        sim = sim + key_bias.expand(q.shape[0], q.shape[1], -1)[:, :, None, :]
+    sim = (scale * sim).masked_fill(~mask[:, None, None, :], float("-inf"))
+    return sim.softmax(-1) @ v
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["per_head_keys", "shared_keys"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_backend_is_its_formula(backend, shared):
+    q, k, v, mask = qkv(shared=shared)
+    out = Attend(backend=backend)(q, k, v, mask=mask, scale=0.3)
+    torch.testing.assert_close(out, reference(q, k, v, mask, 0.3, l2=backend.startswith("l2")))
+
+
+@pytest.mark.parametrize("q_spare", [0, 2, 8], ids=["copy", "spare_too_few_for_shared", "spare"])
+@pytest.mark.parametrize("shared", [False, True], ids=["per_head_keys", "shared_keys"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_key_term_rides_on_every_kernel(backend, shared, q_spare):
+    """key_bias (per head, also on shared keys: one slot per head) enters the softmax exactly; with
+    q_spare the augmentation slots are written into q's reserved zero features instead of a copy."""
+    q, k, v, mask = qkv(shared=shared)
+    key_bias = torch.randn(2, 3, 10, dtype=torch.float64)
+    padded = torch.nn.functional.pad(q, (0, q_spare))
+    out = Attend(backend=backend)(padded, k, k if shared else v, mask=mask, scale=0.3, key_bias=key_bias,
+                                  q_spare=q_spare)
+    expect = reference(q, k, k if shared else v, mask, 0.3, l2=backend.startswith("l2"), key_bias=key_bias)
+    torch.testing.assert_close(out, expect)
+
+
+def test_k_sq_is_what_enters_the_l2_softmax():
+    """For a bilinear q.k that k alone does not determine (VNAttention's folded form), the caller's
+    per-head |k_j|^2 is used: -|q - k|^2 up to a term constant along j."""
+    q, kv, _, mask = qkv(shared=True)
+    k_sq = torch.rand(2, 3, 10, dtype=torch.float64) * 4
+    sim = 2 * q @ kv.transpose(-1, -2) - k_sq[:, :, None, :]
+    expect = (0.3 * sim).masked_fill(~mask[:, None, None, :], float("-inf")).softmax(-1) @ kv
+    for backend in ("l2", "l2_math"):
+        torch.testing.assert_close(Attend(backend=backend)(q, kv, kv, mask=mask, scale=0.3, k_sq=k_sq), expect)
+
+
+def test_l2_attention_is_the_scaled_l2_distance():
+    """'l2' (augmented SDPA) and 'l2_math' equal softmax(-|q - k|^2 / sqrt(e)) written with cdist.
+    Difference 8: 0.1.0 scaled only the 2 q.k term, softmax(2 q.k / sqrt(e) - |q|^2 - |k|^2), which
+    at VN head dims (e = coordinate axis x dim_head, ~10^2 - 10^3) ranks keys by their norms more
+    than by their distance to q."""
+    e = 3 * 16
+    q = torch.randn(2, 3, 10, e, dtype=torch.float64)
+    v = torch.randn(2, 3, 10, e, dtype=torch.float64)
+    scale = e ** -0.5
+    sq = q.pow(2).sum(-1)
+    original = (2 * scale * q @ q.transpose(-1, -2) - sq[..., :, None] - sq[..., None, :]).softmax(-1) @ v
+    l2 = (-scale * torch.cdist(q, q) ** 2).softmax(-1) @ v
+    for backend in ("l2", "l2_math"):
+        ours = Attend(backend=backend)(q, q, v)
+        torch.testing.assert_close(ours, l2)
+        assert (ours - original).abs().max() > 0.1
+    try:
+        from VN_transformer.attend import Attend as OriginalAttend
+    except ImportError:  # the bench extra brings it; the formula above stands in for it
+        return
+    torch.testing.assert_close(OriginalAttend(l2_dist=True)(q, q, v), original)
+
+
+def test_augment_slots_only_where_a_term_rides_on_sdpa():
+    assert Attend(backend="l2").augment_slots(heads=4, key_term=False) == 4
+    assert Attend(backend="sdpa").augment_slots(heads=4, key_term=True) == 4
+    assert Attend(backend="sdpa").augment_slots(heads=4, key_term=False) == 0
+    assert Attend(backend="math").augment_slots(heads=4, key_term=True) == 0
+    assert Attend(backend="l2_math").augment_slots(heads=4, key_term=False) == 0
+
+
+def test_bad_backend_or_kernels_fail_at_construction():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        Attend(backend="fast")
+    with pytest.raises(ValueError, match="sdpa_kernels"):
+        Attend(backend="sdpa", sdpa_kernels=("warp",))

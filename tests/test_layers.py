@@ -1,0 +1,201 @@
+"""vnt.layers: the fast channels-last blocks (b, n, c, d): VN-ReLU, layer norm, invariants,
+attention (folded and projected, with and without epsilon bias), initialisation, layout errors."""
+import pytest
+import torch
+from einops import rearrange
+
+from models import BACKENDS, block_cfg, rotate
+from vnt import layers
+from vnt.rotations import random_rotations
+
+
+def test_vn_relu_projects_onto_plane_orthogonal_to_k():
+    relu = layers.VNReLU(4, k_norm_floor=0.0).double()
+    x = torch.randn(50, 3, 4, dtype=torch.float64)
+    qk = torch.nn.functional.linear(x, relu.weight)
+    q, k = qk.chunk(2, dim=-1)
+    out = relu(x)
+    neg = (q * k).sum(-2) < 0
+    assert neg.any() and (~neg).any()
+    # where <q, k> < 0 the output is orthogonal to k (the original multiplied by k, not k/|k|)
+    dot = (out * k).sum(-2)
+    assert dot[neg].abs().max() < 1e-10
+    torch.testing.assert_close(out.transpose(-1, -2)[~neg], q.transpose(-1, -2)[~neg])
+    # leaky variant: alpha q + (1 - alpha) relu
+    leaky = layers.VNReLU(4, negative_slope=0.2, k_norm_floor=0.0).double()
+    leaky.load_state_dict(relu.state_dict())
+    torch.testing.assert_close(leaky(x), 0.2 * q + 0.8 * out)
+
+
+def test_vn_relu_k_norm_floor_is_exact_above_it_and_continuous_at_zero():
+    """Default k_norm_floor 0.2: a k at least 0.2 x its point's RMS k norm gets the exact projection
+    (orthogonal to k); a shorter one projects as if it had that length, so as k -> 0 the output
+    goes to q continuously (the exact map jumps to q's projection on a plane set by rounding)."""
+    torch.manual_seed(0)
+    relu = layers.VNReLU(8).double()
+    assert relu.k_norm_floor == 0.2
+    q = torch.randn(200, 3, 8, dtype=torch.float64)
+    k = torch.randn(200, 3, 8, dtype=torch.float64)
+    k[:, :, 0] *= torch.logspace(-8, 0, 200, dtype=torch.float64)[:, None]  # channel 0: k from ~0 to full
+    out = relu.activate(torch.cat((q, k), dim=-1))
+    k_sq, dot = (k * k).sum(-2), (q * k).sum(-2)
+    floor_sq = 0.04 * k_sq.mean(-1, keepdim=True)
+    neg, long_k = dot < 0, k_sq >= floor_sq
+    assert (neg & long_k).sum() > 100 and (neg & ~long_k).sum() > 10
+    assert (out * k).sum(-2)[neg & long_k].abs().max() < 1e-10             # exact where k is long enough
+    expect = q - (dot.clamp(max=0) / torch.maximum(k_sq, floor_sq)).unsqueeze(-2) * k
+    torch.testing.assert_close(out, expect)
+    # continuity at k = 0: the shortest k (1e-8 x) leaves q unchanged to ~1e-8; the exact map does not
+    exact = layers.VNReLU(8, k_norm_floor=0.0).double().activate(torch.cat((q, k), dim=-1))
+    rows = neg[:, 0] & (k_sq[:, 0] < 1e-12)
+    assert rows.any()
+    assert (out[rows, :, 0] - q[rows, :, 0]).abs().max() < 1e-6
+    assert (exact[rows, :, 0] - q[rows, :, 0]).abs().max() > 0.1
+    with pytest.raises(ValueError, match="k_norm_floor"):
+        layers.VNReLU(8, k_norm_floor=1.0)
+
+
+def test_vn_layer_norm_is_continuous_and_paper_mode_is_the_layer_norm_of_norms():
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 16, dtype=torch.float64)
+    norm = layers.VNLayerNorm(16).double()
+    paper = layers.VNLayerNorm(16, subtract_mean=True).double()
+    with torch.no_grad():
+        norm.gamma.uniform_(0.5, 1.5)
+        paper.gamma.copy_(norm.gamma)
+    lengths = x.norm(dim=-2, keepdim=True)
+    # default: x_d gamma_d / sqrt(mean_d |x_d|^2)
+    torch.testing.assert_close(norm(x), x * norm.gamma / lengths.pow(2).mean(-1, keepdim=True).sqrt())
+    # paper (subtract_mean=True): direction x_d / |x_d| times the layer norm of the norms (F.layer_norm's eps)
+    ln = torch.nn.functional.layer_norm(lengths, (16,), paper.gamma, None)
+    torch.testing.assert_close(paper(x), x / lengths * ln)
+    # both are invariant to the scale of a point's features (up to their eps)
+    torch.testing.assert_close(norm(7 * x), norm(x))
+    torch.testing.assert_close(paper(7 * x), paper(x), rtol=1e-4, atol=1e-4)  # F.layer_norm eps 1e-5
+    # a channel vector shrinking to zero (1e-4 x, still above eps): its output shrinks with it by default,
+    # and stays unit-order, along a direction that is rounding noise in float32, in the paper's
+    tiny = x.clone()
+    tiny[..., 0] *= 1e-4
+    assert norm(tiny)[..., 0].norm(dim=-2).max() < 1e-3
+    assert paper(tiny)[..., 0].norm(dim=-2).min() > 0.1
+
+
+def test_vn_invariant_is_per_channel_and_invariant():
+    inv = layers.VNInvariant(6).double()
+    x = torch.randn(2, 5, 3, 6, dtype=torch.float64)
+    rot = random_rotations(1)[0]
+    out = inv(x)
+    assert out.shape == (2, 5, 6, 3)
+    torch.testing.assert_close(inv(rotate(x, rot)), out)
+
+
+def test_vn_attention_latents_shape_and_equivariance():
+    attn = layers.VNAttention(block_cfg(8, dim_head=4, heads=2, attn_backend="sdpa"), num_latents=3).double()
+    x = torch.randn(2, 10, 3, 8, dtype=torch.float64)
+    mask = torch.ones(2, 10, dtype=torch.bool)
+    mask[0, 6:] = False
+    out = attn(x, mask=mask)
+    assert out.shape == (2, 3, 3, 8)
+    rot = random_rotations(1)[0]
+    torch.testing.assert_close(attn(rotate(x, rot), mask=mask), rotate(out, rot))
+
+
+@pytest.mark.parametrize("eps", [0.0, 1e-2], ids=["eps0", "eps1e-2"])
+@pytest.mark.parametrize("heads", [1, 2, 5], ids=["1head", "heads<=dim", "heads>dim"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_folded_attention_is_the_projected_function(backend, heads, eps):
+    """Folded attention (with the epsilon bias as Attend's key term and a constant) equals the
+    projected form: outputs and gradients of the input and every weight, in float64."""
+    x = torch.randn(2, 12, 5, 4, dtype=torch.float64, requires_grad=True)
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    mask[0, 7:] = False
+    outs = []
+    for fold in (False, True):
+        torch.manual_seed(0)
+        attn = layers.VNAttention(block_cfg(4, dim_coor=5, dim_head=4, heads=heads, attn_backend=backend,
+                                            bias_epsilon=eps, attn_fold=fold)).double()
+        assert attn.fold == fold
+        out = attn(x, mask=mask)
+        outs.append((out, *torch.autograd.grad(out.pow(2).sum(), [x, *attn.parameters()])))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b)
+
+
+def test_fold_is_chosen_by_cost_and_works_with_bias():
+    def fold(**kw):
+        return layers.VNAttention(block_cfg(**{"dim": 16, "dim_head": 16, "heads": 2, **kw})).fold
+
+    assert fold() and fold(bias_epsilon=1e-6) and not fold(dim=32)
+    assert not layers.VNAttention(block_cfg(16, dim_head=16, heads=2), num_latents=2).fold
+    with pytest.raises(ValueError, match="num_latents"):
+        layers.VNAttention(block_cfg(16, dim_head=16, heads=2, attn_fold=True), num_latents=2)
+
+
+def test_init_is_fan_in_scaled():
+    lin = layers.VNLinear(256, 256)
+    x = torch.randn(64, 3, 256)
+    ratio = lin(x).std() / x.std()
+    assert 0.8 < ratio < 1.2, ratio  # the original's randn weights gave ~16
+
+
+@pytest.mark.parametrize("fusion", [None, 8], ids=["fusion_off", "fusion_on"])
+@pytest.mark.parametrize("backend", ["math", "l2"])
+def test_softmax_is_not_saturated_at_init(backend, fusion):
+    """The original's randn weights put ~all weight on one key; L2 attention at fan-in scale put
+    most weight on the query point itself (its distance to itself is 0): mean max probability
+    0.58 without fusion and 1.00 with fusion here."""
+    from vnt import VNTransformer
+    torch.manual_seed(0)
+    model = VNTransformer(dim=64, depth=1, dim_head=64, heads=8, dim_feat=fusion, attn_backend=backend)
+    c = model.config.dim_coor_total
+    x = model.proj_in(torch.randn(2, 128, c, 1))
+    attn = model.encoder.layers[0][0]
+    heads = "b n c (h d) -> b h n (c d)"
+    with torch.no_grad():
+        if backend == "l2":
+            q, _ = attn.to_qkv.split(x, 2)
+            q = rearrange(q, heads, h=8)
+            sim = -torch.cdist(q, q).square()
+        else:
+            q, k, _ = (rearrange(t, heads, h=8) for t in attn.to_qkv.split(x, 3))
+            sim = q @ k.transpose(-1, -2)
+        probs = (sim * q.shape[-1] ** -0.5).softmax(-1)
+    assert probs.max(-1).values.mean() < 0.5
+    if backend == "l2":  # the point itself is not what the softmax picks
+        assert probs.diagonal(dim1=-2, dim2=-1).mean() < 0.1
+
+
+@pytest.mark.parametrize("dim_coor", [3, 67])
+def test_l2_init_gives_the_point_itself_a_one_nat_margin(dim_coor):
+    """VNAttention's docstring: on unit-variance features the tied map's initial scale makes
+    scale * mean_j |q_i - q_j|^2 (the point's own logit advantage) about 1, whatever dim_coor."""
+    torch.manual_seed(0)
+    attn = layers.VNAttention(block_cfg(64, dim_head=64, heads=8, dim_coor=dim_coor, attn_backend="l2"))
+    with torch.no_grad():
+        q, _ = attn.to_qkv.split(torch.randn(2, 128, dim_coor, 64), 2)
+        q = rearrange(q, "b n c (h d) -> b h n (c d)", h=8)
+        margin = torch.cdist(q, q).square().sum(-1).mean() / 127 * q.shape[-1] ** -0.5
+    assert 0.8 < margin < 1.25, margin
+
+
+@pytest.mark.parametrize("block", [
+    lambda: layers.VNLinear(8, 4), lambda: layers.VNReLU(8), lambda: layers.VNLayerNorm(8),
+    lambda: layers.VNFeedForward(block_cfg(8)), lambda: layers.VNAttention(block_cfg(8, dim_head=4, heads=2)),
+    lambda: layers.VNWeightedPool(8), lambda: layers.VNInvariant(8),
+], ids=["linear", "relu", "layer_norm", "feed_forward", "attention", "pool", "invariant"])
+def test_blocks_reject_the_original_layout(block):
+    """Features in the original's (b, n, channels, coordinates) layout raise ValueError naming ours
+    (vnt.compat's blocks take that layout)."""
+    module = block()
+    ours = torch.randn(2, 5, 3, 8)
+    assert torch.isfinite(module(ours)).all()
+    with pytest.raises(ValueError, match=r"coordinate axis, 8\) with the channels last.*\(2, 5, 8, 3\)"):
+        module(rearrange(ours, "b n c d -> b n d c"))
+
+
+def test_encoder_checks_the_coordinate_axis():
+    enc = layers.VNTransformerEncoder(block_cfg(8, dim_head=4, heads=2, dim_coor=5, attn_backend="l2"))
+    assert [layer[0].attend.backend for layer in enc.layers] == ["l2"]
+    assert enc(torch.randn(2, 6, 5, 8)).shape == (2, 6, 5, 8)
+    with pytest.raises(ValueError, match=r"\(batch, points, 5, 8\)"):
+        enc(torch.randn(2, 6, 3, 8))
