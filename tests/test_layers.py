@@ -55,6 +55,29 @@ def test_vn_relu_k_norm_floor_is_exact_above_it_and_continuous_at_zero():
         layers.VNReLU(8, k_norm_floor=1.0)
 
 
+@pytest.mark.parametrize("floor", [0.0, 0.2, 0.9])
+@pytest.mark.parametrize("slope", [0.0, 0.2])
+def test_vn_relu_hand_written_backward_is_autograds(slope, floor):
+    """VNReLU's activation has its own backward (for memory traffic): the same values and gradients
+    as autograd through the written-out formula, and torch.autograd.gradcheck passes."""
+    def written_out(qk):
+        q, k = qk.chunk(2, dim=-1)
+        dot, k_sq = (q * k).sum(-2, keepdim=True), (k * k).sum(-2, keepdim=True)
+        if floor > 0:
+            k_sq = torch.maximum(k_sq, k_sq.mean(-1, keepdim=True) * floor ** 2)
+        return q - dot.clamp(max=0) / k_sq.clamp(min=1e-12) * (1 - slope) * k
+
+    relu = layers.VNReLU(8, negative_slope=slope, k_norm_floor=floor)
+    qk = torch.randn(3, 5, 3, 16, dtype=torch.float64)
+    qk[..., 8:] *= torch.logspace(-3, 0, 8, dtype=torch.float64)  # short k too: the floor's branch
+    qk.requires_grad_(True)
+    g = torch.randn(3, 5, 3, 8, dtype=torch.float64)
+    ours, ref = relu.activate(qk), written_out(qk)
+    torch.testing.assert_close(ours, ref)
+    torch.testing.assert_close(torch.autograd.grad(ours, qk, g)[0], torch.autograd.grad(ref, qk, g)[0])
+    assert torch.autograd.gradcheck(relu.activate, (qk,))
+
+
 def test_vn_layer_norm_is_continuous_and_paper_mode_is_the_layer_norm_of_norms():
     torch.manual_seed(0)
     x = torch.randn(4, 3, 16, dtype=torch.float64)

@@ -112,7 +112,9 @@ class Attend(nn.Module):
                 scale: float | None = None, key_bias: Tensor | None = None, k_sq: Tensor | None = None,
                 q_spare: int = 0) -> Tensor:
         """q (b h i e); k, v (b h j e'), or (b 1 j e') shared by every head, e' = e - q_spare; mask (b j)
-        bool, True = keep. Returns (b h i e_v).
+        bool, True = keep. Returns (b h i e_v); when the keys are the values (``v is k``, VNAttention's
+        folded form) and q has spare features, (b h i e): the last q_spare output features are then
+        meaningless (the caller drops them after its output map; slicing here would copy).
 
         scale defaults to e' ** -0.5. key_bias (b h j) or (b 1 j): added to q.k (see the module
         docstring). For the L2 backends, ``k_sq`` (b h j) or (b 1 j) gives the squared key norms
@@ -157,8 +159,9 @@ class Attend(nn.Module):
             q = torch.cat((q[..., :width], rearrange(q_extra, "h s -> 1 h 1 s").expand(b, h, i, -1),
                            q.new_zeros(()).expand(b, h, i, total - width - slots)), dim=-1)
         k_aug = torch.cat((k, k_extra, k.new_zeros(()).expand(*k.shape[:-1], total - width - slots)), dim=-1)
-        v_aug = k_aug if v is k else F.pad(v, (0, total - e_v))  # shared kv stays one tensor
-        return self._dot_product(q, k_aug, v_aug, mask=mask, scale=m * scale)[..., :e_v]
+        if v is k:  # shared kv stays one tensor; the output keeps q's width (see forward)
+            return self._dot_product(q, k_aug, k_aug, mask=mask, scale=m * scale)[..., :e]
+        return self._dot_product(q, k_aug, F.pad(v, (0, total - e_v)), mask=mask, scale=m * scale)[..., :e_v]
 
     def _dot_product(self, q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor | None, scale: float) -> Tensor:
         """softmax(scale q.k) v on SDPA; shared keys take the heads as query rows."""
