@@ -20,6 +20,7 @@ class Case:
     group: str = "grid"             # which question the row answers: grid | readme | length | fusion_off | ...
     attn_fold: bool | None = None   # vnt's folded attention; None: the model's default (dim <= dim_head)
     norms: str = "vnt"              # vnt's VN-LayerNorm / VN-ReLU, or "paper": the paper's (vnt.PAPER_NORMS)
+    compile: bool = False           # torch.compile(model) (inductor), timed after its compilation
     dim: int = 64
     depth: int = 2
     heads: int = 8
@@ -34,6 +35,8 @@ class Case:
             parts.append("folded" if self.attn_fold else "projected")
         if self.norms != "vnt":
             parts.append(f"{self.norms}norms")
+        if self.compile:
+            parts.append("compiled")
         return "-".join(parts)
 
     def to_dict(self) -> dict:
@@ -42,23 +45,34 @@ class Case:
 
 SMALL = dict(dim=32, heads=4, dim_head=16, dim_feat=16, batch=1)   # small enough for bf16 on a CPU without AMX
 ATTN_MEMORY = dict(dim=8, depth=1, heads=8, dim_head=4, fusion=False, batch=1)  # attention-dominated memory
-README = dict(dim=64, depth=2, heads=8, dim_head=64, dim_feat=64, batch=2, n=128)
+# the original package's README example: dim 64, depth 2, 8 heads x 64, dim_feat 64, bias_epsilon 1e-6
+README = dict(dim=64, depth=2, heads=8, dim_head=64, dim_feat=64, batch=2, n=128, bias_epsilon=1e-6)
+README_EPS0 = {**README, "bias_epsilon": 0.0}
+# the headline speed-ups over the original: (label, config); each is timed paired, per backend
+PAIRED = {"readme": README, "readme-eps0": README_EPS0, "n512": {**README, "n": 512, "batch": 1}}
 
 
 def quick_cases() -> list[Case]:
     """~10 minutes on a 2-core CPU.
 
-    grid:       every backend x epsilon x dtype at the small config, n = 128 (error vs epsilon, dtype)
-    readme:     the README configuration, float32, every backend, vnt and the original package
-    length:     float32 length sweep per backend at the small config (speed and memory vs n)
-    fusion_off: the small config without early fusion
-    fold_off:   the README configuration with vnt's attention in projected form (attn_fold=False)
+    grid:        every backend x epsilon x dtype at the small config, n = 128 (error vs epsilon, dtype)
+    readme:      the original's README example (eps 1e-6), float32, every backend, vnt and the original
+    readme_eps0: the same at eps 0
+    length:      float32 length sweep per backend at the small config (speed and memory vs n)
+    fusion_off:  the small config without early fusion
+    fold_off:    the README configuration with vnt's attention in projected form (attn_fold=False)
+    compile:     the README configuration under torch.compile (inductor), every backend
+    bf16:        the README configuration under bfloat16 autocast, every backend
     attn_memory: a tiny model whose step memory is dominated by attention (math: n^2; sdpa: n)
     """
     cases = [Case(backend=b, bias_epsilon=e, dtype=d, n=128, **SMALL) for b in BACKENDS for e in EPSILONS for d in DTYPES]
     cases += [Case(backend=b, impl=impl, group="readme", **README) for impl in ("vnt", "original") for b in BACKENDS]
+    cases += [Case(backend=b, impl=impl, group="readme_eps0", **README_EPS0) for impl in ("vnt", "original")
+              for b in BACKENDS]
     cases += [Case(backend=b, n=n, group="length", **SMALL) for b in BACKENDS for n in (256, 512, 1024)]
     cases += [Case(backend=b, group="fold_off", attn_fold=False, **README) for b in BACKENDS]
+    cases += [Case(backend=b, group="compile", compile=True, **README) for b in BACKENDS]
+    cases += [Case(backend=b, group="bf16", dtype="bfloat16", **README) for b in BACKENDS]
     cases += [Case(backend=b, fusion=False, group="fusion_off", **SMALL) for b in BACKENDS]
     cases += [Case(backend=b, n=n, group="attn_memory", **ATTN_MEMORY) for b in BACKENDS for n in (512, 1024, 2048)]
     return cases
@@ -68,14 +82,12 @@ def full_cases() -> list[Case]:
     cases = quick_cases()
     cases += [Case(backend=b, n=n, group="length", **SMALL) for b in BACKENDS for n in (2048, 4096)]
     cases += [Case(backend=b, n=n, dtype="bfloat16", group="length", **SMALL) for b in BACKENDS for n in (256, 512)]
-    cases += [Case(backend=b, bias_epsilon=e, dtype="bfloat16", group="readme", **README) for b in BACKENDS
-              for e in (0.0,)]
     return cases
 
 
 def cuda_cases() -> list[Case]:
     """Sizes that fill a GPU."""
-    cases = [Case(backend=b, bias_epsilon=e, dtype=d, group="grid", **{**README, "batch": 8, "n": 512})
+    cases = [Case(backend=b, dtype=d, group="grid", **{**README, "batch": 8, "n": 512, "bias_epsilon": e})
              for b in BACKENDS for e in EPSILONS for d in DTYPES]
     cases += [Case(backend=b, n=n, dtype="float32", group="length", **{**SMALL, "batch": 4}) for b in BACKENDS
               for n in (1024, 4096, 8192)]

@@ -40,6 +40,8 @@ def build(case: Case, device: str = "cpu", *, seed: int = 0):
         norms = PAPER_NORMS if case.norms == "paper" else {}
         model = VNTransformer(**kw, attn_backend=case.backend, attn_fold=case.attn_fold, **norms)
     model = model.to(device)
+    if case.compile:
+        model = torch.compile(model)
     coors = torch.randn(case.batch, case.n, 3, device=device)
     feats = torch.randn(case.batch, case.n, case.dim_feat, device=device) if case.fusion else None
     return model, coors, feats
@@ -97,7 +99,8 @@ def count_flops(case: Case, device: str) -> int:
     fused CPU SDPA kernels, and the arithmetic is the same."""
     from torch.utils.flop_counter import FlopCounterMode
     written_out = {"sdpa": "math", "l2": "l2_math" if case.impl == "vnt" else "l2"}
-    model, coors, feats = build(dataclasses.replace(case, backend=written_out.get(case.backend, case.backend)), device)
+    model, coors, feats = build(dataclasses.replace(case, backend=written_out.get(case.backend, case.backend),
+                                                    compile=False), device)
     _, fb = step_fns(model, coors, feats, case, device)
     with FlopCounterMode(display=False) as counter:
         fb()
@@ -112,12 +115,30 @@ def gemm_peak_flops(dtype: str, device: str = "cpu", size: int = 1024, rounds: i
     return 2 * size ** 3 / min(times)
 
 
+def compiled_vs_eager(case: Case, compiled, coors, feats, device: str) -> float:
+    """Max abs difference of the compiled model's output to the same weights run eagerly."""
+    eager = build(dataclasses.replace(case, compile=False), device)[0]  # seeded: the same weights
+    with torch.no_grad():
+        a, b = compiled(coors, feats=feats), eager(coors, feats=feats)
+    a, b = (a[0], b[0]) if isinstance(a, tuple) else (a, b)
+    return (a - b).abs().max().item()
+
+
+def bf16_native(device: str) -> bool:
+    """Whether this device multiplies bfloat16 natively: AVX512-BF16 or AMX-BF16 on a CPU (Linux
+    cpuinfo flags), compute capability 8 or more on CUDA."""
+    if device == "cuda":
+        return torch.cuda.get_device_capability()[0] >= 8
+    from bench.report import cpu_flags
+    return bool({"avx512_bf16", "amx_bf16"} & set(cpu_flags()))
+
+
 def reference_check(case: Case, device: str) -> float:
     """Max abs difference of this backend against the math path (same weights, float32)."""
     if case.impl != "vnt" or case.backend == "math":
         return 0.0
     from vnt import VNTransformer
-    model, coors, feats = build(case, device)
+    model, coors, feats = build(dataclasses.replace(case, compile=False), device)
     ref_backend = "l2_math" if case.backend == "l2" else "math"
     ref = VNTransformer(**{**model.config.to_dict(), "attn_backend": ref_backend}).to(device)
     ref.load_state_dict(model.state_dict())
@@ -132,7 +153,7 @@ def equivariance(case: Case, device: str, num_rotations: int = 3) -> tuple[float
     ``vnt.rounding_floor`` (float64 arithmetic, inputs and every VN block's output rounded to that
     dtype), NaN for the original package, whose blocks the floor does not know."""
     from vnt import equivariance_error, rounding_floor
-    model, coors, feats = build(case, device)
+    model, coors, feats = build(dataclasses.replace(case, compile=False), device)  # compiled = eager: checked
     err = equivariance_error(model, coors, feats=feats, num_rotations=num_rotations,
                              autocast_dtype=None if case.dtype == "float32" else DTYPES[case.dtype],
                              generator=torch.Generator().manual_seed(0))
@@ -197,6 +218,8 @@ def measure(case: Case, *, device: str, rounds: int, warmup: int, peaks: dict[st
             benchmark=None) -> dict:
     """One row. Out-of-memory becomes a row with status 'oom'; every other exception propagates."""
     row = {**case.to_dict(), "device": device, "rounds": rounds, "warmup": warmup, "status": "ok"}
+    if case.dtype == "bfloat16":
+        row["bf16_native"] = bf16_native(device)
     if case.impl == "original":
         try:
             import VN_transformer  # noqa: F401
@@ -206,6 +229,12 @@ def measure(case: Case, *, device: str, rounds: int, warmup: int, peaks: dict[st
         row["max_abs_diff_vs_math"] = reference_check(case, device)
         model, coors, feats = build(case, device)
         fwd, fb = step_fns(model, coors, feats, case, device)
+        if case.compile:  # compile forward and forward+backward first, and check them against eager
+            t = time.perf_counter()
+            fwd()
+            fb()
+            row["compile_s"] = time.perf_counter() - t
+            row["max_abs_diff_vs_eager"] = compiled_vs_eager(case, model, coors, feats, device)
         t_fwd = time_fn(fwd, rounds=rounds, warmup=warmup, device=device)
         if benchmark is not None:
             benchmark.pedantic(fb, rounds=rounds, warmup_rounds=warmup, iterations=1)
@@ -213,10 +242,12 @@ def measure(case: Case, *, device: str, rounds: int, warmup: int, peaks: dict[st
         else:
             t_fb = time_fn(fb, rounds=rounds, warmup=warmup, device=device)
         flops = count_flops(case, device)
-        mem, mem_method = peak_memory_mib(case, device)
+        mem, mem_method = (float("nan"), "not measured (compiled)") if case.compile else peak_memory_mib(case, device)
         row["equiv_rel_err"], row["equiv_floor_rel_err"] = equivariance(case, device)
     except torch.OutOfMemoryError:
         return {**row, "status": "oom"}
+    except torch._dynamo.exc.TorchDynamoException as err:  # torch.compile could not build this model
+        return {**row, "status": f"compile failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}"}
     fb_med = statistics.median(t_fb)
     tokens = case.batch * case.n
     row.update({
@@ -234,5 +265,27 @@ def measure(case: Case, *, device: str, rounds: int, warmup: int, peaks: dict[st
     return row
 
 
+def _subprocess_time(case_json: str, rounds: int) -> None:
+    """Prints the median forward+backward time (s) of a case in this (fresh) process."""
+    d = json.loads(case_json)
+    d.pop("case_id")
+    case = Case(**d)
+    model, coors, feats = build(case, "cpu")
+    _, fb = step_fns(model, coors, feats, case, "cpu")
+    print(statistics.median(time_fn(fb, rounds=rounds, warmup=2, device="cpu")))
+
+
+def time_in_subprocess(case: Case, *, rounds: int, env: dict) -> float:
+    """Median forward+backward seconds of ``case`` in a fresh process with environment ``env``
+    (settings that act at process start, such as GLIBC_TUNABLES)."""
+    out = subprocess.run([sys.executable, "-m", "bench.measure", "--time", json.dumps(case.to_dict()), str(rounds)],
+                         capture_output=True, text=True, env=env, check=True,
+                         cwd=os.path.dirname(os.path.dirname(__file__)))
+    return float(out.stdout.strip().splitlines()[-1])
+
+
 if __name__ == "__main__":
-    _subprocess_peak(sys.argv[1])
+    if sys.argv[1] == "--time":
+        _subprocess_time(sys.argv[2], int(sys.argv[3]))
+    else:
+        _subprocess_peak(sys.argv[1])

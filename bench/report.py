@@ -23,6 +23,18 @@ COLUMNS = [  # the tidy schema; results/README.md explains each
 ]
 
 
+def cpu_flags() -> list[str]:
+    """The CPU feature flags that decide float32/bfloat16 speed here (from /proc/cpuinfo)."""
+    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile", "amx_int8")
+    if not Path("/proc/cpuinfo").exists():
+        return []
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            present = set(line.split(":", 1)[1].split())
+            return [f for f in wanted if f in present]
+    return []
+
+
 def environment() -> dict:
     import torch
     from importlib.metadata import PackageNotFoundError, version
@@ -44,7 +56,8 @@ def environment() -> dict:
             if line.startswith("model name"):
                 cpu_model = line.split(":", 1)[1].strip()
                 break
-    return {"device": device, "cpu": cpu_model, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    return {"device": device, "cpu": cpu_model, "cpu_flags": " ".join(cpu_flags()), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
             "torch": torch.__version__, "deepspeed": ds, "python": platform.python_version(),
             "git_commit": sha + ("+dirty" if dirty else ""), "date": datetime.datetime.now().isoformat(timespec="seconds")}
 
@@ -86,12 +99,12 @@ def render(out_dir: Path = RESULTS) -> None:
     df = pd.read_csv(out_dir / "latest.csv")
     meta = json.loads((out_dir / "latest.meta.json").read_text())
     ok = df[(df["kind"] == "case") & (df["status"] == "ok")]
-    grid, readme, length = split_views(ok)
+    grid, _, length = split_views(ok)
     lines = [f"# Benchmark report ({meta.get('profile', '?')} profile)", "",
              "## Protocol", "",
              *[f"- {k}: {v}" for k, v in meta.items()], "",
              "Times are medians over `rounds` timed steps after `warmup` untimed ones (quartiles in the CSV; "
-             "the README-configuration rows, readme and fold_off, use `readme_rounds`). "
+             "the README-configuration rows, readme, readme_eps0 and fold_off, use `readme_rounds`). "
              "FLOPs are counted by `torch.utils.flop_counter.FlopCounterMode` on one forward+backward of the same model "
              "on its written-out attention path (the counter does not see inside fused SDPA kernels); "
              "`peak_fraction` divides achieved FLOP/s by a dense GEMM measured in the same run and dtype. "
@@ -99,28 +112,59 @@ def render(out_dir: Path = RESULTS) -> None:
              "its floor (vnt rows): `vnt.rounding_floor`, the same weights in float64 with the inputs and every VN "
              "block's output rounded to the row's dtype, i.e. what the function forces at that storage precision. "
              "bfloat16 runs under autocast over float32 weights.", ""]
-    if len(readme):
-        r = readme.iloc[0]
-        speed = readme.pivot_table(index="backend", columns="impl", values="fwd_bwd_ms", aggfunc="first")
-        if "original" in speed and "vnt" in speed:
-            speed["speedup_vs_original"] = speed["original"] / speed["vnt"]
-        fold_off = ok[ok["group"] == "fold_off"].set_index("backend")["fwd_bwd_ms"]
-        if len(fold_off):
-            speed["vnt_projected"] = fold_off  # vnt with attn_fold=False
-            speed["fold_gain"] = speed["vnt_projected"] / speed["vnt"]
-        lines += [f"## Forward+backward time at the README configuration (ms; {_config(r)}, n {int(r['n'])}, float32)", "",
-                  _table(speed.round(2)), "",
-                  "## Fraction of the measured float32 GEMM peak at the README configuration", "",
-                  _table(readme.pivot_table(index="backend", columns="impl", values="peak_fraction",
-                                            aggfunc="first").round(3)), ""]
     paired = df[df["kind"] == "paired"]
     if len(paired):
-        lines += ["## Paired speed-up over the original at the README configuration (float32, fwd+bwd)", "",
+        lines += ["## Paired speed-up over the original (float32, forward+backward)", "",
                   "Steps of the two models alternate in one process; speed-up = median of the per-pair time "
-                  "ratios original / vnt, with quartiles.", "",
-                  _table(paired.set_index("backend")[["original_ms", "fwd_bwd_ms", "speedup_paired", "speedup_q1",
-                                                      "speedup_q3", "rounds"]]
-                         .rename(columns={"fwd_bwd_ms": "vnt_ms"}).round(2)), ""]
+                  "ratios original / vnt, with quartiles. `readme` is the original's README example (dim 64, "
+                  "depth 2, 8 heads x 64, dim_feat 64, bias_epsilon 1e-6, n 128, batch 2); `readme-eps0` the same "
+                  "at epsilon 0; `n512` the README example at n 512, batch 1.", "",
+                  _table(paired.set_index(["paired_config", "backend"])[
+                      ["bias_epsilon", "n", "batch", "original_ms", "fwd_bwd_ms", "speedup_paired", "speedup_q1",
+                       "speedup_q3", "rounds"]].rename(columns={"fwd_bwd_ms": "vnt_ms"}).round(3)), ""]
+    for group, title in (("readme", "the original's README example (eps 1e-6)"), ("readme_eps0", "the same at eps 0")):
+        rows_ = ok[ok["group"] == group]
+        if not len(rows_):
+            continue
+        r = rows_.iloc[0]
+        speed = rows_.pivot_table(index="backend", columns="impl", values="fwd_bwd_ms", aggfunc="first")
+        if "original" in speed and "vnt" in speed:
+            speed["speedup_vs_original"] = speed["original"] / speed["vnt"]
+        extra = {"fold_off": "vnt_projected", "compile": "vnt_compiled", "bf16": "vnt_bf16_autocast"}
+        for other, column in extra.items():
+            timed = ok[(ok["group"] == other) & (ok["bias_epsilon"] == r["bias_epsilon"])].set_index("backend")
+            if len(timed):
+                speed[column] = timed["fwd_bwd_ms"]
+        lines += [f"## Forward+backward time, {title} (ms; {_config(r)}, n {int(r['n'])}, float32, timed one "
+                  f"model at a time)", "", _table(speed.round(2)), "",
+                  "Fraction of the measured float32 GEMM peak:", "",
+                  _table(rows_.pivot_table(index="backend", columns="impl", values="peak_fraction",
+                                           aggfunc="first").round(3)), ""]
+    compiled = df[(df["kind"] == "case") & (df["group"] == "compile")]
+    if len(compiled):
+        lines += ["## torch.compile (inductor) at the README example", "",
+                  "Compile time is the first forward and forward+backward; the compiled output is checked against "
+                  "the same weights run eagerly before timing. A build that fails is a row with its reason.", "",
+                  _table(compiled.set_index("backend")[[c for c in ("status", "compile_s", "fwd_bwd_ms",
+                                                                    "max_abs_diff_vs_eager") if c in compiled]]
+                         .round(4)), ""]
+    bf16 = ok[ok["group"] == "bf16"]
+    if len(bf16):
+        lines += [f"## bfloat16 autocast at the README example (CPU flags: {meta.get('cpu_flags', '?')})", "",
+                  "`bf16_native`: the device multiplies bfloat16 natively (AVX512-BF16 or AMX-BF16 on a CPU); "
+                  "without it bf16 matmuls are emulated and slower than float32, which says nothing about vnt.", "",
+                  _table(bf16.set_index("backend")[["bf16_native", "fwd_bwd_ms", "equiv_rel_err",
+                                                    "equiv_floor_rel_err"]].round(4)), ""]
+    alloc = df[df["kind"] == "allocator"]
+    if len(alloc):
+        lines += ["## Allocator: vnt's glibc malloc settings on and off (README example, fresh processes)", "",
+                  _table(alloc.set_index("backend")[["system_malloc_ms", "fwd_bwd_ms", "malloc_speedup",
+                                                     "malloc_speedup_q1", "malloc_speedup_q3", "rounds"]].round(3)), ""]
+    compat = df[df["kind"] == "compat"]
+    if len(compat):
+        lines += ["## The original's layout: public encoder (b, n, dim, c) / vnt.layers encoder (b, n, c, dim)", "",
+                  _table(compat.set_index("backend")[["fwd_bwd_ms", "layers_fwd_bwd_ms", "overhead_paired",
+                                                      "overhead_q1", "overhead_q3", "rounds"]].round(3)), ""]
     if len(length):
         r = length.iloc[0]
         lines += [f"## Tokens/s (forward+backward) by backend and length ({_config(r)}, float32, eps 0)", "",

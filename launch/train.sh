@@ -19,6 +19,7 @@
 #   LAUNCHER_ARGS  more launcher flags, e.g. "--bind_cores_to_rank --enable_each_rank_log runs/x/ranks"
 # Further arguments go to the trainer (python -m vnt.train --help). Restarting with the same RUN_DIR
 # resumes. Output goes to $RUN_DIR/launch.log (launch-node<NODE_RANK>.log with one launcher per node).
+# Every rank runs with vnt's malloc settings (vnt/malloc.py) unless GLIBC_TUNABLES is set.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
@@ -126,6 +127,10 @@ import sys
 from pathlib import Path
 
 root = Path(__file__).resolve().parents[1]
+if "GLIBC_TUNABLES" not in os.environ:  # vnt's malloc settings (vnt/malloc.py), read before torch loads
+    settings = {}
+    exec((root / "vnt" / "malloc.py").read_text(), settings)
+    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "GLIBC_TUNABLES": settings["MALLOC_TUNABLES"]})
 sys.path.insert(0, str(root))  # vnt from this checkout, installed or not
 os.chdir(root)                 # relative paths mean the same as in the bash reading
 from vnt.train import main     # noqa: E402

@@ -9,12 +9,14 @@ from vnt.attend import Attend
 from vnt.compat import (VNAttention, VNFeedForward, VNInvariant, VNLayerNorm, VNLinear, VNReLU, VNTransformerEncoder,
                         VNWeightedPool, from_original_state_dict)
 from vnt.equivariance import EquivarianceError, equivariance_error, rounding_floor
+from vnt.malloc import MALLOC_TUNABLES
 from vnt.model import PAPER_NORMS, VNTransformer, VNTransformerConfig
 
 __version__ = "0.1.0"
 
+
 __all__ = [
-    "Attend", "EquivarianceError", "PAPER_NORMS", "VNAttention", "VNFeedForward", "VNInvariant", "VNLayerNorm",
+    "Attend", "EquivarianceError", "MALLOC_TUNABLES", "PAPER_NORMS", "VNAttention", "VNFeedForward", "VNInvariant", "VNLayerNorm",
     "VNLinear", "VNReLU", "VNTransformer", "VNTransformerConfig", "VNTransformerEncoder", "VNWeightedPool",
     "equivariance_error", "from_original_state_dict", "layers", "rotations", "rounding_floor", "__version__",
 ]

@@ -391,7 +391,7 @@ class Trainer:
             (self.run_dir / "config.json").write_text(json.dumps({
                 "config": self.cfg.to_dict(), "deepspeed": self.ds_config, "world_size": self.world,
                 "data_summary": self.data_summary, "torch": torch.__version__,
-                "argv": sys.argv}, indent=2, default=str))
+                "glibc_tunables": os.environ.get("GLIBC_TUNABLES"), "argv": sys.argv}, indent=2, default=str))
         metrics_path = self.run_dir / "metrics.csv"
         columns = ["step", "loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "step_time_s", "peak_mem_mib"]
         if self.is_main and (self.step == 0 or not metrics_path.exists()):
