@@ -52,6 +52,18 @@ README_EPS0 = {**README, "bias_epsilon": 0.0}
 PAIRED = {"readme": README, "readme-eps0": README_EPS0, "n512": {**README, "n": 512, "batch": 1}}
 
 
+TINY = dict(dim=8, depth=1, heads=2, dim_head=4, dim_feat=4, n=16, batch=1, bias_epsilon=1e-6)  # harness tests
+PAIRED_TINY = {"tiny": TINY}
+
+
+def tiny_cases() -> list[Case]:
+    """One tiny row per kind of step measurement: what the test suite runs to check the harness."""
+    cases = [Case(backend=b, group="grid", **TINY) for b in BACKENDS]
+    cases += [Case(backend="sdpa", impl=impl, group="readme", **{**TINY, "n": 24}) for impl in ("vnt", "original")]
+    cases += [Case(backend="math", group="compile", compile=True, **TINY)]
+    return cases
+
+
 def quick_cases() -> list[Case]:
     """~10 minutes on a 2-core CPU.
 

@@ -17,14 +17,21 @@ import pytest
 import torch
 
 from bench import report
-from bench.cases import cuda_cases, full_cases, quick_cases
+from bench.cases import PAIRED, PAIRED_TINY, README, TINY, cuda_cases, full_cases, quick_cases, tiny_cases
+from bench.train_cases import quality_cases, tiny_train_cases, train_cases
 
 ROWS: list[dict] = []
 # the README-configuration rows (vnt vs the original package) get more rounds: their ratio is the headline;
-# long_rounds: the paired n = 512 rows, where one step of the original takes 5-20 s on 2 CPU cores
+# long_rounds: the paired n = 512 rows, where one step of the original takes 5-20 s on 2 CPU cores.
+# train: the training league (bench/train_cases.py) alone, reported in results/train-bench.
+# tiny: one tiny row of every kind, what tests/test_bench.py runs to check the harness.
 PROFILES = {"quick": dict(rounds=3, warmup=1, readme_rounds=7, long_rounds=3),
-            "full": dict(rounds=10, warmup=3, readme_rounds=15, long_rounds=7)}
+            "full": dict(rounds=10, warmup=3, readme_rounds=15, long_rounds=7),
+            "train": dict(rounds=1, warmup=0, readme_rounds=1, long_rounds=1),
+            "quality": dict(rounds=1, warmup=0, readme_rounds=1, long_rounds=1),
+            "tiny": dict(rounds=2, warmup=1, readme_rounds=2, long_rounds=1)}
 _STARTED = time.time()
+_ENVIRONMENT: dict = {}  # hardware, versions and the git state when the session started (bench.report)
 
 
 def pytest_configure(config):
@@ -33,21 +40,31 @@ def pytest_configure(config):
         from vnt import MALLOC_TUNABLES
         env = {**os.environ, "GLIBC_TUNABLES": MALLOC_TUNABLES}
         os.execve(sys.executable, [sys.executable, "-m", "pytest", *config.invocation_params.args], env)
+    if config.getoption("benchmark_only", default=False):
+        _ENVIRONMENT.update(report.environment())  # the code that runs, not what the tree holds when it ends
 
 
 def pytest_addoption(parser):
     parser.addoption("--bench-profile", default="quick", choices=tuple(PROFILES),
-                     help="quick (~10 min on 2 CPU cores) or full (long sequences, more rounds)")
+                     help="quick (~25 min on 2 CPU cores), full (long sequences, more rounds), train (the "
+                          "training league, ~25 min), quality (vnt against En-Transformer at an equal time budget, "
+                          "~25 min), tiny (a tiny row of every kind: the harness's own test)")
     parser.addoption("--bench-out", default=None, help="report folder (default results/bench, or results/bench-cuda)")
 
 
 def pytest_collection_modifyitems(config, items):
-    if config.getoption("benchmark_only"):
+    if not config.getoption("benchmark_only"):
+        skip = pytest.mark.skip(reason="benchmarks run with `pytest --benchmark-only`")
+        for item in items:
+            if "bench" in item.nodeid.split("/")[0]:
+                item.add_marker(skip)
         return
-    skip = pytest.mark.skip(reason="benchmarks run with `pytest --benchmark-only`")
+    profile = config.getoption("bench_profile")
     for item in items:
-        if "bench" in item.nodeid.split("/")[0]:
-            item.add_marker(skip)
+        league = "test_train_league" in item.nodeid
+        if ((profile in ("train", "quality")) != league and profile != "tiny"
+                or (profile == "tiny" and "test_scaling" in item.nodeid)):
+            item.add_marker(pytest.mark.skip(reason=f"not in the {profile} profile"))
 
 
 def device() -> str:
@@ -55,16 +72,23 @@ def device() -> str:
 
 
 def pytest_generate_tests(metafunc):
+    profile = metafunc.config.getoption("bench_profile")
     if "case" in metafunc.fixturenames:
-        profile = metafunc.config.getoption("bench_profile")
-        cases = (cuda_cases() if device() == "cuda" else []) + (full_cases() if profile == "full" else quick_cases())
+        cases = {"full": full_cases, "tiny": tiny_cases}.get(profile, quick_cases)()
+        cases = (cuda_cases() if device() == "cuda" and profile != "tiny" else []) + cases
         metafunc.parametrize("case", cases, ids=[c.id for c in cases])
+    if "paired" in metafunc.fixturenames:
+        configs = PAIRED_TINY if profile == "tiny" else PAIRED
+        metafunc.parametrize("paired", list(configs.items()), ids=list(configs))
+    if "train_case" in metafunc.fixturenames:
+        cases = {"tiny": tiny_train_cases, "quality": quality_cases}.get(profile, train_cases)()
+        metafunc.parametrize("train_case", cases, ids=[c.id for c in cases])
 
 
 @pytest.fixture(scope="session")
 def profile(request):
     name = request.config.getoption("bench_profile")
-    return {"name": name, **PROFILES[name]}
+    return {"name": name, **PROFILES[name], "readme": TINY if name == "tiny" else README}
 
 
 @pytest.fixture(scope="session")
@@ -83,9 +107,15 @@ def pytest_sessionfinish(session, exitstatus):
         return
     from pathlib import Path
     out = session.config.getoption("bench_out")
-    out_dir = Path(out) if out else report.RESULTS if device() == "cpu" else report.RESULTS.parent / "bench-cuda"
     name = session.config.getoption("bench_profile")
-    report.write(ROWS, out_dir=out_dir, protocol={
-        "profile": name, **{k: v for k, v in PROFILES[name].items()},
-        "command": f"pytest --benchmark-only --bench-profile {name}",
-        "wall_s": round(time.time() - _STARTED, 1)})
+    protocol = {**_ENVIRONMENT, "profile": name, **PROFILES[name],
+                "command": f"pytest --benchmark-only --bench-profile {name}", "wall_s": round(time.time() - _STARTED, 1)}
+    train_rows = [r for r in ROWS if r.get("kind") == "train"]
+    step_rows = [r for r in ROWS if r.get("kind") != "train"]
+    if train_rows:
+        folder = "train-quality" if name == "quality" else "train-bench"
+        train_dir = Path(out) / folder if out else report.RESULTS.parent / folder
+        report.write_train(train_rows, out_dir=train_dir, protocol=protocol)
+    if step_rows:
+        out_dir = Path(out) if out else report.RESULTS if device() == "cpu" else report.RESULTS.parent / "bench-cuda"
+        report.write(step_rows, out_dir=out_dir, protocol=protocol)

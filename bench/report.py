@@ -74,12 +74,12 @@ def to_frame(rows: list[dict]):
 def write(rows: list[dict], *, protocol: dict, out_dir: Path = RESULTS) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     df = to_frame(rows)
-    env = environment()
-    meta = {**env, **protocol}
+    meta = {**environment(), **protocol}  # a protocol that carries the session's environment keeps it
     df.to_csv(out_dir / "latest.csv", index=False)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     df.to_csv(out_dir / f"{stamp}.csv", index=False)
-    (out_dir / "latest.meta.json").write_text(json.dumps(meta, indent=2))
+    for name in ("latest", stamp):  # every dated CSV carries its own metadata in a sidecar
+        (out_dir / f"{name}.meta.json").write_text(json.dumps(meta, indent=2))
     render(out_dir)
     return out_dir
 
@@ -119,7 +119,8 @@ def render(out_dir: Path = RESULTS) -> None:
                   "ratios original / vnt, with quartiles. `readme` is the original's README example (dim 64, "
                   "depth 2, 8 heads x 64, dim_feat 64, bias_epsilon 1e-6, n 128, batch 2); `readme-eps0` the same "
                   "at epsilon 0; `n512` the README example at n 512, batch 1.", "",
-                  _table(paired.set_index(["paired_config", "backend"])[
+                  _table(paired.assign(bias_epsilon=paired["bias_epsilon"].map(lambda e: f"{e:g}"))
+                         .set_index(["paired_config", "backend"])[
                       ["bias_epsilon", "n", "batch", "original_ms", "fwd_bwd_ms", "speedup_paired", "speedup_q1",
                        "speedup_q3", "rounds"]].rename(columns={"fwd_bwd_ms": "vnt_ms"}).round(3)), ""]
     for group, title in (("readme", "the original's README example (eps 1e-6)"), ("readme_eps0", "the same at eps 0")):
@@ -249,6 +250,217 @@ def plot(ok, out_dir: Path) -> None:
         plt.close(fig)
 
 
+# ------------------------------------------------------------------------------------------------
+# the training league (bench/train_cases.py): results/train-bench
+
+TRAIN = RESULTS.parent / "train-bench"
+
+
+def write_train(rows: list[dict], *, protocol: dict, out_dir: Path = TRAIN) -> Path:
+    import pandas as pd
+    out_dir.mkdir(parents=True, exist_ok=True)
+    df = pd.DataFrame(rows)
+    meta = {**environment(), **protocol}
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    for name in ("latest", stamp):
+        df.to_csv(out_dir / f"{name}.csv", index=False)
+        (out_dir / f"{name}.meta.json").write_text(json.dumps(meta, indent=2))
+    render_train(out_dir)
+    return out_dir
+
+
+def settings_table(df):
+    """One row per setting: mean over seeds, and the spread (max - min) of the RMSD ratio."""
+    ok = df[df["status"] == "ok"]
+    g = ok.groupby("setting")
+    table = g.agg(group=("group", "first"), network=("network", "first"), backend=("backend", "first"),
+                  bias_epsilon=("bias_epsilon", "first"), bf16=("bf16", "first"), world=("world", "first"),
+                  seeds=("seed", "count"), val_rmsd_ratio=("val_rmsd_ratio", "mean"),
+                  ratio_spread=("val_rmsd_ratio", lambda v: v.max() - v.min()),
+                  val_rmsd_denoised=("val_rmsd_denoised", "mean"), equiv_rel_err=("equiv_rel_err", "max"),
+                  equiv_floor_rel_err=("equiv_floor_rel_err", "max"), tokens_per_s=("tokens_per_s", "mean"),
+                  train_time_s=("train_time_s", "mean"), wall_s=("wall_s", "mean"),
+                  peak_mem_mib=("peak_mem_mib", "max"), parameters=("parameters", "first"),
+                  steps=("steps_run", "first"))
+    return table.sort_values(["group", "val_rmsd_ratio"])
+
+
+def _best(table, mask, label: str) -> dict:
+    rows = table[mask]
+    if not len(rows):
+        return {}
+    best = rows["val_rmsd_ratio"].idxmin()
+    r = rows.loc[best]
+    others = rows.drop(index=best)
+    margin = (others["val_rmsd_ratio"].min() - r["val_rmsd_ratio"]) if len(others) else float("nan")
+    noise = max(rows["ratio_spread"].max(), 0.0)
+    verdict = "within seed noise" if len(others) and margin <= noise else "beyond seed noise" if len(others) else ""
+    return {"question": label, "best setting": best, "val_rmsd_ratio": round(r["val_rmsd_ratio"], 4),
+            "margin to the next": round(margin, 4), "largest seed spread": round(noise, 4), "verdict": verdict}
+
+
+def render_train(out_dir: Path = TRAIN) -> None:
+    import pandas as pd
+    df = pd.read_csv(out_dir / "latest.csv")
+    meta = json.loads((out_dir / "latest.meta.json").read_text())
+    table = settings_table(df)
+    base = table["network"] == "vnt"
+    fp32w2 = base & ~table["bf16"].astype(bool) & (table["world"] == 2)
+    heads = [
+        _best(table, fp32w2 & (table["bias_epsilon"] == 0), "which attention backend (eps 0, float32)"),
+        _best(table, fp32w2 & (table["backend"] == "sdpa"), "which bias epsilon (sdpa, float32)"),
+        _best(table, (table["backend"] == "sdpa") & (table["bias_epsilon"] == 0) & (table["world"] == 2) & base,
+              "float32 or bf16 (sdpa, eps 0)"),
+        _best(table, (table["backend"] == "sdpa") & (table["bias_epsilon"] == 0) & ~table["bf16"].astype(bool) & base,
+              "1 or 2 processes (same global batch)"),
+        _best(table, (table["backend"] == "sdpa") & (table["bias_epsilon"] == 0) & ~table["bf16"].astype(bool)
+              & (table["world"] == 2), "vnt or a peer network"),
+    ]
+    heads = pd.DataFrame([h for h in heads if h]).set_index("question") if any(heads) else pd.DataFrame()
+    cols = ["seeds", "val_rmsd_ratio", "ratio_spread", "val_rmsd_denoised", "equiv_rel_err", "equiv_floor_rel_err",
+            "tokens_per_s", "train_time_s", "peak_mem_mib", "parameters", "steps"]
+    lines = ["# Training league", "",
+             "The main job (`launch/train.sh`, backbone denoising on the embedded set, noise sigma 1 A) per "
+             "setting, each at the same budget of optimizer steps, with the same seeds, data order, crops, noise "
+             "and optimizer; peers are trained by the same loop (`vnt.peers`). `val_rmsd_ratio` = validation "
+             "RMSD denoised / noisy on held-out chains (lower is better), mean over seeds; `ratio_spread` = its "
+             "max - min over seeds: a difference smaller than the spread is noise. `equiv_rel_err`: the trained "
+             "model's SE(3) error in its dtype; `equiv_floor_rel_err`: exact arithmetic on inputs rounded to that "
+             "dtype (`vnt.rounding_floor`).", "", "## Protocol", "", *[f"- {k}: {v}" for k, v in meta.items()], "",
+             "## The best setting per question", "", _table(heads), "",
+             "## Every setting", "", _table(table[cols].round(6)), ""]
+    skipped = df[df["status"] != "ok"] if "status" in df else df.iloc[0:0]
+    if len(skipped):
+        lines += ["## Cases not run", "", _table(skipped[["case_id", "status"]].set_index("case_id")), ""]
+    (out_dir / "latest.md").write_text("\n".join(lines))
+    plot_train(df, table, meta, out_dir)
+
+
+def plot_train(df, table, meta, out_dir: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = df[df["status"] == "ok"]
+    stamp = f"commit {meta.get('git_commit', '?')}, {meta.get('cpu', meta.get('device', '?'))}"
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    markers = "os^vD<>ph*"
+    for k, (setting, g) in enumerate(ok.groupby("setting")):
+        curves = [json.loads(c) for c in g["curve"]]
+        steps = sorted({s for c in curves for s, _, _ in c})
+        t = [sum(dict((s, tt) for s, tt, _ in c).get(x, float("nan")) for c in curves) / len(curves) for x in steps]
+        r = [sum(dict((s, rr) for s, _, rr in c).get(x, float("nan")) for c in curves) / len(curves) for x in steps]
+        ax.plot(t, r, marker=markers[k % len(markers)], label=setting, alpha=0.85)
+    ax.set_xlabel("training time, s (mean over seeds)")
+    ax.set_ylabel("validation RMSD denoised / noisy")
+    ax.set_title(f"RMSD ratio against training time\n{stamp}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out_dir / "ratio_vs_time.png", dpi=120)
+    plt.close(fig)
+
+    eps = table[(table["network"] == "vnt") & ~table["bf16"].astype(bool) & (table["world"] == 2)]
+    if len(eps):
+        fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.8))
+        for k, (backend, g) in enumerate(eps.groupby("backend")):
+            g = g.sort_values("bias_epsilon")
+            x = g["bias_epsilon"].where(g["bias_epsilon"] > 0, 1e-8) * (1.15 ** k)  # offset: overlapping lines
+            a.errorbar(x, g["val_rmsd_ratio"], yerr=g["ratio_spread"] / 2, marker=markers[k], label=backend, capsize=3)
+            b.plot(x, g["equiv_rel_err"], marker=markers[k], label=f"{backend} error")
+            b.plot(x, g["equiv_floor_rel_err"], marker=markers[k], linestyle=":", label=f"{backend} rounding floor")
+        for axis in (a, b):
+            axis.set_xscale("log")
+            axis.set_xlabel("bias epsilon (0 plotted at 1e-8)")
+            axis.grid(alpha=0.3)
+            axis.legend(fontsize=7)
+        a.set_ylabel("validation RMSD ratio (bars: seed spread)")
+        b.set_yscale("log")
+        b.set_ylabel("trained model's SE(3) error")
+        fig.suptitle(f"RMSD ratio and equivariance against bias epsilon, float32, 2 processes\n{stamp}", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(out_dir / "ratio_vs_epsilon.png", dpi=120)
+        plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------
+# comparing two runs
+
+
+def load_run(path: Path):
+    """Rows of a benchmark run: a report CSV, or a pytest-benchmark JSON (its extra_info)."""
+    import pandas as pd
+    path = Path(path)
+    if path.suffix == ".json":
+        data = json.loads(path.read_text())
+        return pd.DataFrame([{**b.get("extra_info", {}), "case_id": b.get("extra_info", {}).get("case_id", b["name"])}
+                             for b in data["benchmarks"]])
+    return pd.read_csv(path)
+
+
+COMPARED = {"fwd_bwd_ms": ("fwd_bwd_ms_q1", "fwd_bwd_ms_q3"), "speedup_paired": ("speedup_q1", "speedup_q3"),
+            "val_rmsd_ratio": (None, None), "tokens_per_s": (None, None)}
+
+
+def compare(old: Path, new: Path, *, png: Path | None = None):
+    """Per case and metric: old, new, new / old, and whether the change falls outside both runs'
+    quartile ranges (where the rows have them)."""
+    import pandas as pd
+    a, b = (load_run(p).drop_duplicates("case_id") for p in (old, new))
+    rows = []
+    for metric, (lo, hi) in COMPARED.items():
+        if metric not in a or metric not in b:
+            continue
+        cols = [c for c in (metric, lo, hi) if c]
+        merged = pd.merge(a.set_index("case_id")[[c for c in cols if c in a]].add_suffix("_old"),
+                          b.set_index("case_id")[[c for c in cols if c in b]].add_suffix("_new"),
+                          left_index=True, right_index=True).dropna(subset=[f"{metric}_old", f"{metric}_new"])
+        for case, r in merged.iterrows():
+            outside = ""
+            if lo and f"{lo}_old" in r and f"{hi}_new" in r and pd.notna(r.get(f"{lo}_old")) and pd.notna(r.get(f"{lo}_new")):
+                disjoint = r[f"{hi}_new"] < r[f"{lo}_old"] or r[f"{lo}_new"] > r[f"{hi}_old"]
+                outside = "yes" if disjoint else "no"
+            rows.append({"case_id": case, "metric": metric, "old": r[f"{metric}_old"], "new": r[f"{metric}_new"],
+                         "new/old": r[f"{metric}_new"] / r[f"{metric}_old"] if r[f"{metric}_old"] else float("nan"),
+                         "outside both quartile ranges": outside})
+    table = pd.DataFrame(rows, columns=["case_id", "metric", "old", "new", "new/old", "outside both quartile ranges"])
+    if png is not None and len(table):
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        t = table[table["metric"] == table["metric"].iloc[0]]
+        fig, ax = plt.subplots(figsize=(7, max(2.5, 0.22 * len(t))))
+        colors = ["tab:red" if o == "yes" else "tab:gray" for o in t["outside both quartile ranges"]]
+        ax.barh(t["case_id"], t["new/old"], color=colors)
+        ax.axvline(1.0, color="black", linewidth=0.8)
+        ax.set_xlabel(f"{t['metric'].iloc[0]}: new / old (red: outside both runs' quartile ranges)")
+        ax.set_title(f"{Path(old).name} -> {Path(new).name}", fontsize=9)
+        ax.tick_params(axis="y", labelsize=6)
+        fig.tight_layout()
+        fig.savefig(png, dpi=120)
+        plt.close(fig)
+    return table
+
+
+def main(argv=None) -> int:
+    import argparse
+    p = argparse.ArgumentParser(prog="python -m bench.report", allow_abbrev=False,
+                                description="Re-render a report folder, or compare two runs.")
+    p.add_argument("folder", nargs="?", default=str(RESULTS), help="report folder to re-render (default results/bench)")
+    p.add_argument("--compare", nargs=2, metavar=("OLD", "NEW"),
+                   help="two report CSVs or pytest-benchmark JSONs: a per-case table of ratios")
+    p.add_argument("--png", help="with --compare: also plot the ratios here")
+    args = p.parse_args(argv)
+    if args.compare:
+        table = compare(Path(args.compare[0]), Path(args.compare[1]), png=Path(args.png) if args.png else None)
+        print(table.to_markdown(index=False, floatfmt=".4g") if len(table) else "no case in common")
+        return 0
+    folder = Path(args.folder)
+    (render_train if (folder / "latest.csv").exists() and "setting" in open(folder / "latest.csv").readline()
+     else render)(folder)
+    print(f"rendered {folder}/latest.md")
+    return 0
+
+
 if __name__ == "__main__":
-    render(Path(sys.argv[1]) if len(sys.argv) > 1 else RESULTS)
-    print(f"rendered {Path(sys.argv[1]) if len(sys.argv) > 1 else RESULTS}/latest.md")
+    sys.exit(main())

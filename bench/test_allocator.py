@@ -6,7 +6,7 @@ import statistics
 
 import pytest
 
-from bench.cases import README, Case
+from bench.cases import Case
 from bench.measure import quartiles, time_in_subprocess
 
 
@@ -16,7 +16,7 @@ def test_malloc_tunables_on_and_off(backend, benchmark, profile, rows):
     from vnt import MALLOC_TUNABLES
     if device() != "cpu":
         pytest.skip("glibc's malloc serves the CPU tensors only")
-    case = Case(backend=backend, group="allocator", **README)
+    case = Case(backend=backend, group="allocator", **profile["readme"])
     base = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
     pairs: list[tuple[float, float]] = []
 
@@ -25,7 +25,7 @@ def test_malloc_tunables_on_and_off(backend, benchmark, profile, rows):
         on = time_in_subprocess(case, rounds=profile["rounds"], env={**base, "GLIBC_TUNABLES": MALLOC_TUNABLES})
         pairs.append((off, on))
 
-    benchmark.pedantic(one_pair, rounds=3, iterations=1)
+    benchmark.pedantic(one_pair, rounds=profile["long_rounds"], iterations=1)
     ratios = [off / on for off, on in pairs]
     q1, q3 = quartiles(ratios)
     row = {**case.to_dict(), "kind": "allocator", "case_id": f"allocator-{backend}", "device": "cpu", "status": "ok",

@@ -11,17 +11,17 @@ import statistics
 
 import pytest
 
-from bench.cases import BACKENDS, PAIRED, Case
+from bench.cases import BACKENDS, Case
 from bench.measure import build, quartiles, step_fns, time_fn
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("config", PAIRED, ids=list(PAIRED))
-def test_paired_speedup(config, backend, benchmark, profile, rows):
+def test_paired_speedup(paired, backend, benchmark, profile, rows):
+    config, sizes = paired  # bench.cases.PAIRED (bench/conftest.py parametrizes by profile)
     pytest.importorskip("VN_transformer", reason="the original package (VN-transformer 0.1.0) is not installed")
     from bench.conftest import device
     dev = device()
-    ours = Case(backend=backend, group="paired", **PAIRED[config])
+    ours = Case(backend=backend, group="paired", **sizes)
     theirs = dataclasses.replace(ours, impl="original")
     (model_v, coors, feats), (model_o, _, _) = build(ours, dev), build(theirs, dev)  # same seeded inputs
     step_v = step_fns(model_v, coors, feats, ours, dev)[1]

@@ -1,5 +1,10 @@
 """The benchmark harness, covered by the plain (fast) suite: a tiny sweep and its report."""
+import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -7,10 +12,10 @@ pytest.importorskip("pandas")
 pytest.importorskip("matplotlib")
 
 from bench import report
-from bench.cases import Case, full_cases, quick_cases
-from bench.measure import measure, peak_memory_mib
+from bench.cases import Case, full_cases, quick_cases, tiny_cases
+from bench.measure import peak_memory_mib
 
-TINY = dict(dim=8, depth=1, heads=2, dim_head=4, dim_feat=4, n=16, batch=1)
+ROOT = Path(__file__).parents[1]
 
 
 def test_sweep_is_data_with_unique_readable_ids():
@@ -23,43 +28,78 @@ def test_sweep_is_data_with_unique_readable_ids():
     assert max(c.n for c in full_cases()) >= 4096
     assert {c.impl for c in quick if c.group == "readme"} == {"vnt", "original"}
     assert quick[0].id == "vnt-sdpa-eps0-float32-d32-n128-b1-fusion"
+    readme = [c for c in quick if c.group == "readme"]
+    assert {c.bias_epsilon for c in readme} == {1e-6}  # the original's README example
+    assert {c.bias_epsilon for c in quick if c.group == "readme_eps0"} == {0.0}
 
 
-def test_tiny_sweep_report_has_the_columns_and_no_unexplained_nan(tmp_path):
-    peaks = {"float32": 1e11, "bfloat16": 2e11}
-    cases = [Case(backend=b, bias_epsilon=e, dtype=d, **TINY) for b in ("sdpa", "math", "l2")
-             for e in (0.0, 1e-2) for d in ("float32", "bfloat16")]
-    cases += [Case(backend=b, group="readme", **TINY) for b in ("sdpa", "math")]
-    cases += [Case(backend=b, group="length", **{**TINY, "n": 32}) for b in ("sdpa", "math")]
-    rows = [{"kind": "case", **measure(c, device="cpu", rounds=2, warmup=1, peaks=peaks)} for c in cases]
-    rows.append({"kind": "case", **Case(impl="original", **TINY).to_dict(), "status": "oom"})  # a status row
-    report.write(rows, out_dir=tmp_path, protocol={"profile": "test", "rounds": 2, "warmup": 1})
+@pytest.fixture(scope="module")
+def tiny_session(tmp_path_factory, embedded, cache_dir):
+    """`pytest --benchmark-only --bench-profile tiny --benchmark-json out.json`: one tiny row of every
+    kind of benchmark (steps, compile, paired, layout, allocator, a training-league case)."""
+    out = tmp_path_factory.mktemp("bench")
+    env = {**os.environ, "VNT_CACHE_DIR": str(cache_dir), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--benchmark-only",
+                           "--bench-profile", "tiny", "--bench-out", str(out), "--benchmark-json", str(out / "out.json"),
+                           "bench"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
+    return out
+
+
+def test_tiny_session_report_has_the_columns_and_no_unexplained_nan(tiny_session):
     import pandas as pd
-    df = pd.read_csv(tmp_path / "latest.csv")
+    df = pd.read_csv(tiny_session / "latest.csv")
     assert list(df.columns[: len(report.COLUMNS)]) == report.COLUMNS
-    ok = df[df["status"] == "ok"]
-    assert len(ok) == len(cases)
+    cases = df[df["kind"] == "case"]
+    ok = cases[cases["status"] == "ok"]
+    assert len(ok) == len(tiny_cases())
     measured = ["fwd_ms", "fwd_bwd_ms", "tokens_per_s", "fwd_bwd_gflop", "achieved_gflop_per_s", "peak_fraction",
-                "peak_mem_mib", "equiv_rel_err", "equiv_floor_rel_err", "max_abs_diff_vs_math"]
+                "equiv_rel_err", "max_abs_diff_vs_math"]
     assert not ok[measured].isna().any().any()
-    assert (ok["fwd_bwd_gflop"] > 0).all() and (ok["peak_mem_mib"] >= 0).all()
-    # eps = 0 is equivariant up to rounding; eps > 0 is not
-    f32 = ok[ok["dtype"] == "float32"]
-    assert f32[f32["bias_epsilon"] == 0]["equiv_rel_err"].max() < 1e-4
-    assert f32[f32["bias_epsilon"] > 0]["equiv_rel_err"].min() > 1e-4
-    # the floor: below the error at eps = 0 (rounding only), the same size at eps > 0 (the bias dominates)
-    vnt = ok[ok["impl"] == "vnt"]
-    assert not vnt["equiv_floor_rel_err"].isna().any()
-    eps0 = f32[f32["bias_epsilon"] == 0]
-    assert (eps0["equiv_floor_rel_err"] <= eps0["equiv_rel_err"]).all()
-    biased = f32[f32["bias_epsilon"] > 0]
-    assert ((biased["equiv_floor_rel_err"] / biased["equiv_rel_err"]).between(0.5, 2.0)).all()
-    # NaN only where the status says why
-    assert (df[df["status"] != "ok"]["fwd_ms"].isna()).all()
-    md = (tmp_path / "latest.md").read_text()
-    assert "Protocol" in md and "torch" in md and "git_commit" in md
-    for png in ("equivariance_vs_epsilon.png", "throughput_vs_length.png", "memory_vs_length.png"):
-        assert (tmp_path / png).stat().st_size > 0
+    assert (ok["fwd_bwd_gflop"] > 0).all()
+    eager = ok[ok["compile"] != True]  # noqa: E712
+    assert not eager[["peak_mem_mib", "equiv_floor_rel_err"]][eager["impl"] == "vnt"].isna().any().any()
+    compiled = ok[ok["compile"] == True]  # noqa: E712
+    assert len(compiled) == 1 and compiled["compile_s"].iloc[0] > 0 and compiled["max_abs_diff_vs_eager"].iloc[0] < 1e-4
+    assert set(df["kind"]) >= {"case", "paired", "compat", "allocator"}
+    meta = json.loads((tiny_session / "latest.meta.json").read_text())
+    assert meta["profile"] == "tiny" and meta["glibc_tunables"] and "cpu_flags" in meta and meta["git_commit"]
+    stamped = [p for p in tiny_session.glob("2*.csv")]
+    assert stamped and all(p.with_suffix(".meta.json").exists() for p in stamped)  # dated CSVs carry metadata
+    md = (tiny_session / "latest.md").read_text()
+    assert "Protocol" in md and "Paired speed-up" in md and "torch.compile" in md
+    league = pd.read_csv(tiny_session / "train-bench" / "latest.csv")
+    assert len(league) == 1 and 0 < league["val_rmsd_ratio"].iloc[0] < 2
+    assert (tiny_session / "train-bench" / "latest.md").exists()
+    assert (tiny_session / "train-bench" / "ratio_vs_time.png").stat().st_size > 0
+
+
+def test_benchmark_json_holds_every_metric(tiny_session):
+    data = json.loads((tiny_session / "out.json").read_text())
+    info = {b["name"]: b["extra_info"] for b in data["benchmarks"]}
+    step = next(v for k, v in info.items() if k.startswith("test_step") and not v.get("compile"))
+    for key in ("fwd_ms", "fwd_bwd_ms", "fwd_bwd_ms_q1", "fwd_bwd_ms_q3", "tokens_per_s", "fwd_bwd_gflop",
+                "achieved_gflop_per_s", "peak_fraction", "peak_mem_mib", "equiv_rel_err", "max_abs_diff_vs_math"):
+        assert key in step and step[key] == step[key], key  # present and not NaN
+    paired = [v for k, v in info.items() if k.startswith("test_paired_speedup")]
+    assert paired and all({"speedup_paired", "speedup_q1", "speedup_q3", "original_ms"} <= set(v) for v in paired)
+    paired_rounds = [b["stats"]["rounds"] for b in data["benchmarks"] if b["name"].startswith("test_paired_speedup")]
+    assert all(r == 2 for r in paired_rounds)  # one round per measured pair
+    assert any("overhead_paired" in v for v in info.values()) and any("malloc_speedup" in v for v in info.values())
+    league = next(v for k, v in info.items() if k.startswith("test_train_case"))
+    for key in ("val_rmsd_noisy", "val_rmsd_denoised", "val_rmsd_ratio", "equiv_rel_err", "equiv_floor_rel_err",
+                "tokens_per_s", "peak_mem_mib", "wall_s", "steps_run", "parameters", "seed"):
+        assert key in league, key
+
+
+def test_report_compares_two_committed_runs_and_two_jsons(tiny_session, tmp_path, capsys):
+    committed = sorted((ROOT / "results/bench").glob("2*.csv"))
+    assert len(committed) >= 2
+    assert report.main(["--compare", str(committed[0]), str(committed[-1]), "--png", str(tmp_path / "c.png")]) == 0
+    out = capsys.readouterr().out
+    assert "new/old" in out and "fwd_bwd_ms" in out and (tmp_path / "c.png").stat().st_size > 0
+    table = report.compare(tiny_session / "out.json", tiny_session / "out.json")
+    assert len(table) and (table["new/old"] == 1).all()
 
 
 def test_cpu_peak_memory_sees_quadratic_math_and_linear_sdpa():

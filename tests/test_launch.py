@@ -10,7 +10,7 @@ import uuid
 
 import pytest
 
-from launching import ROOT, TINY, env_for, metrics, output, summary
+from launching import ROOT, TINY, env_for, metrics, summary
 
 NO_GPU_NVIDIA_SMI = "#!/usr/bin/env bash\necho 'NVIDIA-SMI has failed: no driver' >&2\nexit 9\n"
 FAKE_NVIDIA_SMI = """#!/usr/bin/env bash

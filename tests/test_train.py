@@ -40,7 +40,7 @@ MATRIX = [
 
 
 def test_each_shipped_json_is_in_the_matrix_and_same_config_pairs_agree():
-    from vnt.config import RunConfig, TrainConfig
+    from vnt.config import TrainConfig
 
     covered = {Path(str(a[-1])).name for _, a, _, _, _ in MATRIX if "--run-ds-config" in a}
     assert covered == {p.name for p in DS_CONFIGS.glob("*.json")}
@@ -173,20 +173,31 @@ def test_literal_deepspeed_command_trains(embedded, cache_dir):
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def test_launcher_flags_per_rank_logs_and_bash_per_rank(embedded, cache_dir, tmp_path):
+def test_launcher_flags_per_rank_logs_bash_per_rank_and_monitors(embedded, cache_dir, tmp_path):
     """`deepspeed --num_gpus 2 --enable_each_rank_log DIR --no_python launch/train.sh ...`: the launcher's
-    own flags, and bash per rank (each copy of the script becomes the trainer)."""
-    run_dir, logs = tmp_path / "flags", tmp_path / "rank-logs"
+    own flags, and bash per rank (each copy of the script becomes the trainer); DeepSpeed's
+    TensorBoard and CSV monitors get the training loss at every logged step; --run-compile trains."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir, logs, tb, csv_dir = (tmp_path / name for name in ("flags", "rank-logs", "tb", "csv"))
     env = env_for(cache_dir)
     out = subprocess.run(["deepspeed", "--num_gpus", "2", "--master_port", env["MASTER_PORT"], "--enable_each_rank_log",
                           str(logs), "--no_python", "launch/train.sh", *TINY, "--data-cache-dir", str(cache_dir),
-                          "--run-dir", str(run_dir), "--max-steps", "2"], cwd=ROOT, env=env, capture_output=True,
+                          "--run-dir", str(run_dir), "--max-steps", "3", "--run-tensorboard", str(tb),
+                          "--run-csv-monitor", str(csv_dir), "--run-compile", "true"], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0, output(out)
     assert summary(run_dir)["world_size"] == 2
     rank_logs = sorted(logs.glob("*_rank*.log"))
     assert [p.name.rsplit("_", 1)[1] for p in rank_logs] == ["rank0.log", "rank1.log"]
     assert '"world_size": 2' in rank_logs[0].read_text()  # rank 0 reports
+    events = EventAccumulator(str(next(tb.rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    loss = events.Scalars("train/loss")
+    assert [e.step for e in loss] == [1, 2, 3]
+    assert [round(e.value, 5) for e in loss] == [round(metrics(run_dir)[s]["loss"], 5) for s in (1, 2, 3)]
+    assert {"train/lr", "train/grad_norm", "train/tokens_per_s", "val/rmsd_denoised"} <= set(events.Tags()["scalars"])
+    assert any(p.name.startswith("train_loss") for p in csv_dir.rglob("*.csv"))
 
 
 def test_simulated_two_node_run(embedded, cache_dir, tmp_path):

@@ -23,7 +23,9 @@ made.
 from __future__ import annotations
 
 import inspect
+import typing
 import warnings
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +33,8 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-BACKENDS = ("math", "sdpa", "l2", "l2_math")
+Backend = Literal["math", "sdpa", "l2", "l2_math"]
+BACKENDS: tuple[str, ...] = typing.get_args(Backend)
 
 # preference order when a backend uses SDPA; the first kernel that accepts the inputs runs
 DEFAULT_SDPA_KERNELS = ("flash", "efficient", "math")

@@ -10,7 +10,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from vnt.attend import BACKENDS, DEFAULT_SDPA_KERNELS, resolve_backend
+from vnt.attend import BACKENDS, DEFAULT_SDPA_KERNELS, Backend, resolve_backend
 from vnt.layers import RELU_K_NORM_FLOOR, VNLayerNorm, VNLinear, VNTransformerEncoder
 
 
@@ -24,25 +24,25 @@ class VNTransformerConfig:
     the blocks take it (``vnt.layers``). The original package's ``l2_dist_attn`` / ``flash_attn`` are
     resolved into ``attn_backend`` at the public edge (``VNTransformer``, ``from_dict``, ``vnt.compat``)."""
 
-    dim: int
-    depth: int
-    num_tokens: int | None = None
-    dim_feat: int | None = None
-    dim_head: int = 64
-    heads: int = 8
-    dim_coor: int = 3
-    reduce_dim_out: bool = True
-    bias_epsilon: float = 0.0
-    translation_equivariance: bool = False
-    translation_invariant: bool = False
-    attn_backend: str = "math"            # "math" | "sdpa" (the original's flash_attn) | "l2" (l2_dist_attn) | "l2_math"
-    sdpa_kernels: tuple[str, ...] = DEFAULT_SDPA_KERNELS
+    dim: int                              # channels of every VN feature
+    depth: int                            # encoder layers
+    num_tokens: int | None = None         # token ids as feats: embedding size (dim_feat wide)
+    dim_feat: int | None = None           # early fusion: feature channels joined to the coordinates
+    dim_head: int = 64                    # channels per attention head
+    heads: int = 8                        # attention heads
+    dim_coor: int = 3                     # width of the coordinates
+    reduce_dim_out: bool = True           # project the channels back to one vector per point
+    bias_epsilon: float = 0.0             # norm of the VN linear biases: epsilon-approximate equivariance
+    translation_equivariance: bool = False  # centre the input, add the centre back to the output
+    translation_invariant: bool = False   # centre the input only
+    attn_backend: Backend = "math"        # attention: sdpa is the original's flash_attn, l2 its l2_dist_attn
+    sdpa_kernels: tuple[str, ...] = DEFAULT_SDPA_KERNELS  # SDPA kernels to try, in order
     attn_fold: bool | None = None         # folded (multi-query) attention; None: when dim <= dim_head
-    ff_mult: float = 4
-    relu_negative_slope: float = 0.0
+    ff_mult: float = 4                    # feed-forward hidden width / dim
+    relu_negative_slope: float = 0.0      # VN-LeakyReLU slope
     relu_k_norm_floor: float = RELU_K_NORM_FLOOR  # VNReLU; 0: the exact projection for every k (paper)
     norm_subtract_mean: bool = False      # VNLayerNorm; True: the paper's (discontinuous) VN-LayerNorm
-    final_norm: bool = False
+    final_norm: bool = False              # a VN layer norm after the last layer
 
     def __post_init__(self):
         for name in ("dim", "depth", "dim_head", "heads", "dim_coor"):
@@ -79,6 +79,22 @@ class VNTransformerConfig:
         if unknown:
             raise ValueError(f"unknown VNTransformerConfig keys: {sorted(unknown)}")
         return cls(**d)
+
+
+def centered(coors: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(coors - center, center): the center is the mean of each sample's own valid points; padding
+    stays zero. coors (b, n, ..., 3), mask (b, n) or None."""
+    if mask is None:
+        center = coors.flatten(1, -2).mean(dim=1)
+    else:
+        valid = mask.reshape(*mask.shape, *([1] * (coors.ndim - 2))).to(coors.dtype)
+        points = valid.expand(*coors.shape[:-1], 1).flatten(1, -2).sum(dim=1)
+        center = (coors * valid).flatten(1, -2).sum(dim=1) / points.clamp(min=1)
+    center = center.reshape(coors.shape[0], *([1] * (coors.ndim - 2)), coors.shape[-1])
+    out = coors - center
+    if mask is not None:
+        out = out.masked_fill(~mask.reshape(*mask.shape, *([1] * (coors.ndim - 2))), 0.0)
+    return out, center
 
 
 class VNTransformer(nn.Module):
@@ -154,13 +170,7 @@ class VNTransformer(nn.Module):
 
         center = None
         if cfg.translation_equivariance or cfg.translation_invariant:
-            if valid is None:
-                center = coors.mean(dim=1, keepdim=True)
-            else:  # mean of each sample's own valid points
-                center = coors.sum(dim=1, keepdim=True) / valid.sum(dim=1, keepdim=True).clamp(min=1)
-            coors = coors - center
-            if valid is not None:
-                coors = coors.masked_fill(~valid, 0.0)
+            coors, center = centered(coors, mask)
 
         x = coors
         if feats is not None:

@@ -21,95 +21,75 @@ import csv
 import dataclasses
 import datetime
 import json
-import math
 import os
 import resource
 import signal
 import sys
 import time
 import warnings
-from dataclasses import fields
 from pathlib import Path
 
 import torch
 
-from vnt import checkpoint
-from vnt.config import OptimConfig, RunConfig, TrainConfig, flag_name
-from vnt.data import DataConfig, ProteinBatches, ShardedBatchSampler, load_proteins, validation_batches
-from vnt.denoiser import BackboneDenoiser, denoise, displacement_call, masked_mse, model_inputs, validation_seeds
+from vnt import checkpoint, cli
+from vnt.config import OptimConfig, RunConfig, TrainConfig
+from vnt.data import (DataConfig, DataError, DownloadUnavailable, ProteinBatches, ShardedBatchSampler, load_proteins,
+                      validation_batches)
+from vnt.denoiser import (BackboneDenoiser, TaskConfig, denoise, displacement_call, masked_mse, model_inputs,
+                          rmsd_summary, validation_sums)
 from vnt.equivariance import equivariance_error, rounding_floor
 from vnt.model import VNTransformerConfig
 
 # ----------------------------------------------------------------------------------------------
-# command line derived from the dataclasses: --model-dim, --data-max-length, --optim-lr, --run-max-steps
+# the command line, derived from the config dataclasses (vnt.cli): --model-dim, --data-max-length, ...
+
+_SECTIONS = {"model": VNTransformerConfig, "data": DataConfig, "optim": OptimConfig, "run": RunConfig,
+             "task": TaskConfig}
+_FLAGS = {"run": {"run_dir": ["--run-dir", "--run-run-dir"], "max_steps": ["--max-steps", "--run-max-steps"]}}
+_RENAMED = {"--model-flash-attn": "--model-attn-backend sdpa", "--model-l2-dist-attn": "--model-attn-backend l2"}
 
 
-_SECTIONS = {"model": VNTransformerConfig, "data": DataConfig, "optim": OptimConfig, "run": RunConfig}
-_SHORTCUTS = {"--run-dir": "run.run_dir", "--max-steps": "run.max_steps"}
-
-
-def _parse_value(raw: str, current):
-    if isinstance(current, bool):
-        if raw.lower() not in ("true", "false", "1", "0"):
-            raise argparse.ArgumentTypeError(f"expected true/false, got {raw!r}")
-        return raw.lower() in ("true", "1")
-    if isinstance(current, tuple):
-        return tuple(type(current[0])(x) if current else x for x in raw.split(","))
-    if isinstance(current, int):
-        return int(raw)
-    if isinstance(current, float):
-        return float(raw)
-    if raw.lower() == "none":
-        return None
-    if current is None and raw.lower() in ("true", "false"):  # optional flags such as model.attn_fold
-        return raw.lower() == "true"
-    try:
-        return json.loads(raw) if current is None and raw[:1].isdigit() else raw
-    except json.JSONDecodeError:
-        return raw
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m vnt.train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> tuple[cli.Parser, dict[str, dict[str, str]]]:
+    p = cli.Parser(prog="python -m vnt.train", description=__doc__)
     defaults = TrainConfig()
-    for section, cls in _SECTIONS.items():
-        group = p.add_argument_group(section)
-        for f in fields(cls):
-            value = getattr(getattr(defaults, section), f.name)
-            flag = flag_name(section, f.name)
-            names = [flag] + [s for s, target in _SHORTCUTS.items() if target == f"{section}.{f.name}"]
-            group.add_argument(*names, dest=f"{section}.{f.name}", default=argparse.SUPPRESS, metavar="V",
-                               help=f"(default: {value})")
-    p.add_argument("--check", action="store_true", help="validate the options and exit (no training)")
+    dests = {section: cli.add_options(p, cls, getattr(defaults, section), prefix=f"{section}-",
+                                      flags=_FLAGS.get(section), title=section)
+             for section, cls in _SECTIONS.items()}
+    cli.add_renamed(p, _RENAMED)
+    p.add_argument("--check", action="store_true",
+                   help="check the options, build the model and the DeepSpeed config, load the data, and exit")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the launcher
-    return p
+    return p, dests
 
 
 def config_from_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
-    p = build_parser()
+    p, dests = build_parser()
     args = p.parse_args(argv)
-    cfg = TrainConfig()
-    overrides: dict[str, dict] = {s: {} for s in _SECTIONS}
-    for key, raw in vars(args).items():
-        if "." not in key:
-            continue
-        section, name = key.split(".")
-        overrides[section][name] = _parse_value(raw, getattr(getattr(cfg, section), name))
+    overrides = {section: cli.given(args, d) for section, d in dests.items()}
     explicit = frozenset((s, n) for s, o in overrides.items() for n in o)
     try:
-        cfg = TrainConfig(**{s: dataclasses.replace(getattr(cfg, s), **o) for s, o in overrides.items()})
+        defaults = TrainConfig()
+        cfg = TrainConfig(**{s: dataclasses.replace(getattr(defaults, s), **o) for s, o in overrides.items()})
         cfg = cfg.with_ds_config(explicit)
         if os.environ.get("WORLD_SIZE"):  # in a rank: the global batch can be checked against the world size
             cfg.deepspeed_config(world_size=int(os.environ["WORLD_SIZE"]))
-        if args.check:  # before any process starts: every construction error, a bad --run-resume-from
+        if args.check:  # before any process starts: every construction error, the data, a bad --run-resume-from
+            cfg.deepspeed_config(world_size=1 if cfg.run.ds_config is None else _json_world(cfg))
             with torch.no_grad():
-                BackboneDenoiser(cfg.model)
+                BackboneDenoiser(cfg.model, cfg.task)
+            load_proteins(cfg.data, progress=False)
             if cfg.run.run_dir and cfg.run.resume_from:
                 checkpoint.choose(Path(cfg.run.run_dir) / "checkpoints", resume_from=cfg.run.resume_from)
-    except (ValueError, TypeError, checkpoint.CheckpointError) as err:
-        p.error(str(err))
+    except (ValueError, TypeError, ImportError, checkpoint.CheckpointError, DataError, DownloadUnavailable) as err:
+        cli.fail(p, err)
     return cfg, args
+
+
+def _json_world(cfg: TrainConfig) -> int:
+    """A world size that a DeepSpeed JSON's fixed train_batch_size allows (checked again in each rank)."""
+    batch = json.loads(Path(cfg.run.ds_config).read_text()).get("train_batch_size", "auto")
+    per_process = cfg.data.batch_size * cfg.optim.grad_accum
+    return batch // per_process if isinstance(batch, int) and batch % per_process == 0 else 1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -192,13 +172,18 @@ class Trainer:
 
         self.ds_config = cfg.deepspeed_config(self.world)
         self.resume_tag = self._prepare_resume()
-        model = BackboneDenoiser(cfg.model)
+        model = BackboneDenoiser(cfg.model, cfg.task)
         if self.ds_config["zero_optimization"]["stage"] == 3:
             register_zero3_external_parameters(model)
         self.engine, _, _, self.scheduler = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                                                  config=self.ds_config)
         self.zero_stage = self.engine.zero_optimization_stage()
+        if cfg.run.compile:
+            if self.zero_stage == 3:
+                raise ValueError("--run-compile true needs ZeRO 0-2")
+            self.engine.compile()  # DeepSpeed's: torch.compile on the wrapped module
         self.step = 0
+        self.max_steps = cfg.run.max_steps  # a time budget (run.time_budget_s) may shorten it
         self.consumed = 0  # global batches of the job's batch sequence consumed so far (all ranks)
         self.stop_requested = False
         signal.signal(signal.SIGTERM, self._on_sigterm)
@@ -215,6 +200,12 @@ class Trainer:
     def log(self, msg: str) -> None:
         if self.is_main:
             print(msg, flush=True)
+
+    def monitor(self, values: dict) -> None:
+        """Events at this step to DeepSpeed's monitors (TensorBoard, CSV, W&B, ...) when any is enabled;
+        DeepSpeed writes them on rank 0."""
+        if self.engine.monitor.enabled:
+            self.engine.monitor.write_events([(name, float(value), self.step) for name, value in values.items()])
 
     # -- checkpoints ---------------------------------------------------------------------------
 
@@ -260,7 +251,7 @@ class Trainer:
         if self.is_main:
             checkpoint.commit(self.ckpt_dir, tag, {
                 "step": self.step, "consumed": self.consumed, "world_size": self.world,
-                "zero_stage": self.zero_stage, "bf16": self.engine.bfloat16_enabled(),
+                "zero_stage": self.zero_stage, "bf16": self.engine.bfloat16_enabled(), "max_steps": self.max_steps,
                 "partitioned_optimizer": self.zero_stage > 0 or self.engine.bfloat16_enabled(),
             }, keep_last=run.keep_last)
             self.log(f"checkpoint: step {self.step} -> {self.ckpt_dir / tag}")
@@ -273,6 +264,8 @@ class Trainer:
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {self.ckpt_dir / self.resume_tag}")
         self.step, self.consumed = int(self.resume["step"]), int(self.resume["consumed"])
+        self.max_steps = min(self.max_steps, int(self.resume.get("max_steps", self.max_steps)))
+        self.scheduler.total_num_steps = self.max_steps
         self.log(f"resumed from {path} at step {self.step} ({self.consumed} batches consumed, saved by "
                  f"{self.resume['world_size']} processes, now {self.world})")
 
@@ -329,23 +322,44 @@ class Trainer:
         if run.val_max_batches:
             count = min(count, run.val_max_batches)
         filler = mine[0] if mine else next(iter(validation_batches(self.val, **kw)), None)
-        sums = torch.zeros(3, dtype=torch.float64)  # sq err noisy, sq err denoised, atoms
-        for k in range(count):
-            batch, weight = (mine[k], 1.0) if k < len(mine) else (filler, 0.0)
-            noisy, clean, tokens, mask = model_inputs(batch, sigma=run.sigma, seeds=validation_seeds(batch, run.seed))
-            noisy, clean, tokens, mask = (t.to(self.device) for t in (noisy, clean, tokens, mask))
-            pred = denoise(self.engine, noisy, tokens, mask, scale=run.coord_scale)
-            m = mask[..., None]
-            sums += weight * torch.tensor([(((noisy - clean) ** 2) * m).sum().item(),
-                                           (((pred - clean) ** 2) * m).sum().item(), mask.sum().item()],
-                                          dtype=torch.float64)
+        batches = [mine[k] if k < len(mine) else filler for k in range(count)]
+        sums = validation_sums(self.engine, batches, sigma=run.sigma, seed=run.seed, scale=run.coord_scale,
+                               device=self.device, weights=[1.0 if k < len(mine) else 0.0 for k in range(count)])
         self.engine.train()
         t = sums.to(self.device)
         self.dist.all_reduce(t)
-        noisy_rmsd = math.sqrt(t[0].item() / max(t[2].item(), 1))
-        den_rmsd = math.sqrt(t[1].item() / max(t[2].item(), 1))
-        return {"val_rmsd_noisy": noisy_rmsd, "val_rmsd_denoised": den_rmsd,
-                "val_rmsd_ratio": den_rmsd / noisy_rmsd if noisy_rmsd else float("nan"), "val_atoms": int(t[2].item())}
+        return rmsd_summary(t.cpu())
+
+    TIME_BUDGET_CALIBRATION = 20  # steps timed before a time budget sets the horizon
+
+    def _fit_time_budget(self, step_times: list[float], bar) -> None:
+        """Sets the horizon (and the LR schedule's) to the steps that fit in run.time_budget_s at the
+        median step time so far (the slowest rank's), at most run.max_steps."""
+        median = torch.tensor([sorted(step_times)[len(step_times) // 2] * self.cfg.optim.grad_accum],
+                              device=self.device)
+        self.dist.all_reduce(median, op=self.dist.ReduceOp.MAX)
+        fit = int(self.cfg.run.time_budget_s / median.item())
+        self.max_steps = max(self.step, min(self.cfg.run.max_steps, fit))
+        self.scheduler.total_num_steps = self.max_steps
+        bar.total = self.max_steps
+        self.log(f"time budget {self.cfg.run.time_budget_s:g} s at {median.item():.3f} s/step: {self.max_steps} steps")
+
+    def validate_and_record(self, train_time_s: float) -> dict:
+        """validate(), to the monitors and to validation.csv (step, training and wall time, RMSDs)."""
+        result = self.validate()
+        self.monitor({f"val/{k.removeprefix('val_')}": v for k, v in result.items()})
+        if self.is_main:
+            path = self.run_dir / "validation.csv"
+            fresh = not path.exists()
+            with open(path, "a", newline="") as f:
+                writer = csv.writer(f)
+                if fresh:
+                    writer.writerow(["step", "train_time_s", "wall_s", *result])
+                writer.writerow([self.step, f"{train_time_s:.3f}", f"{time.perf_counter() - self._fit_start:.3f}",
+                                 *result.values()])
+            if self.step < self.max_steps:
+                self.log(f"step {self.step}: {json.dumps(result)}")
+        return result
 
     def full_model(self) -> torch.nn.Module:
         """The trained denoiser with all of its weights on this rank (in their training dtype). Under
@@ -355,7 +369,7 @@ class Trainer:
             return module
         import deepspeed
 
-        copy = BackboneDenoiser(self.cfg.model).to(self.device)
+        copy = BackboneDenoiser(self.cfg.model, self.cfg.task).to(self.device)
         with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
             copy.load_state_dict({k: v.detach().clone() for k, v in module.state_dict().items()})
         return copy.to(next(module.parameters()).dtype)
@@ -398,19 +412,23 @@ class Trainer:
             with open(metrics_path, "w", newline="") as f:
                 csv.writer(f).writerow(columns)
         if self.is_main and self.step > 0:  # resuming: drop rows past the checkpoint
-            with open(metrics_path) as f:
-                rows = list(csv.reader(f))
-            with open(metrics_path, "w", newline="") as f:
-                csv.writer(f).writerows([rows[0]] + [r for r in rows[1:] if int(r[0]) <= self.step])
+            for path in (metrics_path, self.run_dir / "validation.csv"):
+                if path.exists():
+                    with open(path) as f:
+                        rows = list(csv.reader(f))
+                    with open(path, "w", newline="") as f:
+                        csv.writer(f).writerows([rows[0]] + [r for r in rows[1:] if int(r[0]) <= self.step])
 
         from tqdm import tqdm
-        bar = tqdm(total=run.max_steps, initial=self.step, disable=not (self.is_main and run.progress),
+        bar = tqdm(total=self.max_steps, initial=self.step, disable=not (self.is_main and run.progress),
                    desc="train", dynamic_ncols=True)
         stream = self.batches.stream(start=self.consumed)
         window = {"samples": 0, "atoms": 0, "time": 0.0, "steps": 0}
         total_atoms, total_time, loss = 0, 0.0, float("nan")
+        step_times: list[float] = []
+        self._fit_start = time.perf_counter()
         last_val = {}
-        while self.step < run.max_steps:
+        while self.step < self.max_steps:
             if self._agree(self.stop_requested):
                 self.log(f"SIGTERM: saving at step {self.step} and exiting")
                 self.save()
@@ -432,8 +450,11 @@ class Trainer:
                 loss = out["loss"]
             self.step += 1
             window["steps"] += 1
+            step_times.append(dt)
             bar.update(1)
-            if self.step % run.log_every == 0 or self.step == run.max_steps:
+            if run.time_budget_s and len(step_times) == self.TIME_BUDGET_CALIBRATION:
+                self._fit_time_budget(step_times, bar)
+            if self.step % run.log_every == 0 or self.step == self.max_steps:
                 row = [self.step, f"{loss:.6f}", f"{out['lr']:.6g}", f"{out['grad_norm']:.6g}",
                        f"{window['samples'] * self.world / window['time']:.3f}",
                        f"{window['atoms'] * self.world / window['time']:.1f}",
@@ -442,19 +463,21 @@ class Trainer:
                     with open(metrics_path, "a", newline="") as f:
                         csv.writer(f).writerow(row)
                     bar.set_postfix(loss=f"{loss:.4f}")
+                self.monitor({"train/loss": loss, "train/lr": out["lr"], "train/grad_norm": out["grad_norm"],
+                              "train/tokens_per_s": window["atoms"] * self.world / window["time"]})
                 window = {"samples": 0, "atoms": 0, "time": 0.0, "steps": 0}
-            if run.val_every and self.step % run.val_every == 0 and self.step < run.max_steps:
-                last_val = self.validate()
-                self.log(f"step {self.step}: {json.dumps(last_val)}")
-            if self.step % run.ckpt_every == 0 or self.step == run.max_steps or self.step == run.stop_after:
+            if run.val_every and self.step % run.val_every == 0 and self.step < self.max_steps:
+                last_val = self.validate_and_record(total_time)
+            if self.step % run.ckpt_every == 0 or self.step == self.max_steps or self.step == run.stop_after:
                 self.save()
             if self.step == run.stop_after:
                 self.log(f"stop_after: stopping at step {self.step}; rerun with the same run dir to resume")
                 bar.close()
                 return {"stopped": True, "step": self.step}
         bar.close()
-        last_val = self.validate()
+        last_val = self.validate_and_record(total_time)
         summary = {"world_size": self.world, "steps": self.step, "final_loss": loss, **last_val,
+                   "train_time_s": total_time, "time_budget_s": run.time_budget_s,
                    "tokens_per_s": total_atoms * self.world / total_time if total_time else float("nan"),
                    "tokens": "backbone atoms", "sigma_A": run.sigma, "device": str(self.device),
                    "zero_stage": self.zero_stage, "bf16": self.engine.bfloat16_enabled(),

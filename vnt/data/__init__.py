@@ -3,12 +3,12 @@ from vnt.data.batching import (ProteinBatches, ShardedBatchSampler, collate, cro
                                validation_batches)
 from vnt.data.core import (ALPHABET, BACKBONE_ATOMS, NUM_ATOMS, NUM_RESIDUE_TOKENS, DataConfig, ProteinExample,
                            ProteinSet, SkipCounter)
-from vnt.data.sources import (DownloadUnavailable, export_sidechainnet, from_scn_dict, load_proteins,
-                              synthetic_backbone)
+from vnt.data.sources import (DataError, DownloadUnavailable, export_sidechainnet, from_scn_dict, load_proteins,
+                              read_scn_pickle, synthetic_backbone)
 
 __all__ = [
-    "ALPHABET", "BACKBONE_ATOMS", "NUM_ATOMS", "NUM_RESIDUE_TOKENS", "DataConfig", "DownloadUnavailable",
+    "ALPHABET", "BACKBONE_ATOMS", "NUM_ATOMS", "NUM_RESIDUE_TOKENS", "DataConfig", "DataError", "DownloadUnavailable",
     "ProteinBatches", "ProteinExample", "ProteinSet", "ShardedBatchSampler", "SkipCounter", "collate",
-    "crop_window", "export_sidechainnet", "from_scn_dict", "load_proteins", "padding_fraction",
+    "crop_window", "export_sidechainnet", "from_scn_dict", "load_proteins", "padding_fraction", "read_scn_pickle",
     "synthetic_backbone", "validation_batches",
 ]

