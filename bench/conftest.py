@@ -44,14 +44,6 @@ def pytest_configure(config):
         _ENVIRONMENT.update(report.environment())  # the code that runs, not what the tree holds when it ends
 
 
-def pytest_addoption(parser):
-    parser.addoption("--bench-profile", default="quick", choices=tuple(PROFILES),
-                     help="quick (~25 min on 2 CPU cores), full (long sequences, more rounds), train (the "
-                          "training league, ~25 min), quality (vnt against En-Transformer at an equal time budget, "
-                          "~25 min), tiny (a tiny row of every kind: the harness's own test)")
-    parser.addoption("--bench-out", default=None, help="report folder (default results/bench, or results/bench-cuda)")
-
-
 def pytest_collection_modifyitems(config, items):
     if not config.getoption("benchmark_only"):
         skip = pytest.mark.skip(reason="benchmarks run with `pytest --benchmark-only`")

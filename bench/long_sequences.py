@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -66,7 +65,7 @@ def main(argv=None) -> int:
         for backend in BACKENDS:
             case = Case(backend=backend, n=n, group="long", **SMALL)
             code = ("import sys; from bench.long_sequences import _one_step; "
-                    f"_one_step(sys.argv[1], int(sys.argv[2]))")
+                    "_one_step(sys.argv[1], int(sys.argv[2]))")
             proc = subprocess.run([sys.executable, "-c", code, json.dumps(case.to_dict()),
                                    str(int(args.limit_gib * 2 ** 30))], capture_output=True, text=True,
                                   cwd=Path(__file__).parents[1])

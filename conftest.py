@@ -1,0 +1,12 @@
+"""The benchmark session's options live here, at the root, so that pytest knows them before it reads
+any other conftest: `pytest --benchmark-only --bench-profile full` works without naming bench/."""
+
+PROFILE_HELP = ("quick (~20 min on 2 CPU cores), full (long sequences, more rounds), train (the training league, "
+                "~25 min), quality (vnt against En-Transformer at an equal time budget, ~30 min), tiny (a tiny row of "
+                "every kind: the harness's own test)")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--bench-profile", default="quick", choices=("quick", "full", "train", "quality", "tiny"),
+                     help=PROFILE_HELP)
+    parser.addoption("--bench-out", default=None, help="report folder (default results/bench, or results/bench-cuda)")
