@@ -86,8 +86,8 @@ def test_denoise_cli_is_rotation_equivariant(tmp_path):
     """Rotating the input file rotates the output (float32), with a model whose displacements are
     far from zero (random weights, output projection included), through an exported file."""
     torch.manual_seed(0)
-    model = BackboneDenoiser(default_model_config())
-    torch.nn.init.normal_(model.vnt.proj_out.weight, std=0.5)
+    model = BackboneDenoiser(default_model_config())  # per residue, the default
+    torch.nn.init.normal_(model.residues.proj_out.weight, std=0.5)
     model.task = {"coord_scale": 1.0, "max_length": 32, "sigma": 1.0}
     export_denoiser(model, tmp_path / "model.pt")
     structure = prody.parsePDB(str(a_small_structure()), model=1)

@@ -36,7 +36,7 @@ class OptimConfig:
 @dataclass(frozen=True)
 class RunConfig:
     run_dir: str | None = None          # where the run writes; None: runs/<start time>, chosen by rank 0
-    max_steps: int = 2000               # optimizer steps (the LR schedule's horizon)
+    max_steps: int = 6000               # optimizer steps (the LR schedule's horizon)
     time_budget_s: float = 0.0          # train for this many seconds of step time instead: after 20 steps the horizon becomes the steps that fit (at most max_steps); 0: off
     stop_after: int = 0                 # stop (with a checkpoint) at this step, as if interrupted; 0: never
     sigma: float = 1.0                  # noise, Angstrom
@@ -46,7 +46,7 @@ class RunConfig:
     compile: bool = False               # torch.compile the model (inductor; ZeRO 0-2): ~10-20% faster steps, a minute to compile
     ds_config: str | None = None        # a DeepSpeed JSON (launch/ds_config/*.json), read into this config
     log_every: int = 10                 # steps per metrics.csv row
-    ckpt_every: int = 200               # steps per checkpoint (and one at the end)
+    ckpt_every: int = 500               # steps per checkpoint (and one at the end)
     keep_last: int = 0                  # keep this many newest checkpoints; 0: all
     resume_from: str | None = None      # a checkpoint tag (e.g. step1800) of run_dir to resume from; None: latest
     val_every: int = 0                  # steps per validation; 0: at the end only

@@ -67,7 +67,7 @@ class TaskConfig:
     """What the denoiser is made of besides the VNTransformer's own hyper-parameters (``model``)."""
 
     network: Literal["vnt", "vn-transformer-0.1.0", "en-transformer"] = "vnt"  # the equivariant network (peers: vnt.peers)
-    points: Literal["atom", "residue"] = "atom"  # vnt: a point per backbone atom, or per residue with its 4 atoms as 4 vector channels
+    points: Literal["atom", "residue"] = "residue"  # vnt: a point per residue with its 4 atoms as 4 vector channels, or per atom
     en_neighbors: int = 32              # en-transformer: nearest neighbours each point attends to
 
     def to_dict(self) -> dict:
