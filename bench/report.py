@@ -348,12 +348,12 @@ def plot_train(df, table, meta, out_dir: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     markers = "os^vD<>ph*"
     for k, (setting, g) in enumerate(ok.groupby("setting")):
-        curves = [json.loads(c) for c in g["curve"]]
-        steps = sorted({s for c in curves for s, _, _ in c})
-        t = [sum(dict((s, tt) for s, tt, _ in c).get(x, float("nan")) for c in curves) / len(curves) for x in steps]
-        r = [sum(dict((s, rr) for s, _, rr in c).get(x, float("nan")) for c in curves) / len(curves) for x in steps]
-        ax.plot(t, r, marker=markers[k % len(markers)], label=setting, alpha=0.85)
-    ax.set_xlabel("training time, s (mean over seeds)")
+        color = f"C{k % 10}"
+        for i, curve in enumerate(g["curve"]):  # one line per seed, one colour and marker per setting
+            points = json.loads(curve)
+            ax.plot([t for _, t, _ in points], [r for _, _, r in points], marker=markers[k % len(markers)],
+                    color=color, alpha=0.85, label=setting if i == 0 else None)
+    ax.set_xlabel("training time, s (each seed)")
     ax.set_ylabel("validation RMSD denoised / noisy")
     ax.set_title(f"RMSD ratio against training time\n{stamp}", fontsize=9)
     ax.grid(alpha=0.3)

@@ -37,15 +37,14 @@ def test_vnt_denoiser_is_se3_equivariant(task):
 def test_peers_train_in_the_same_task(network, module):
     pytest.importorskip(module)
     torch.manual_seed(0)
-    model = BackboneDenoiser(default_model_config(), TaskConfig(network=network)).double()
+    model = BackboneDenoiser(default_model_config(), TaskConfig(network=network)).double()  # points: the default
     coors, tokens, mask = inputs(b=1)  # one sample: 0.1.0 centres on the whole batch (difference 2)
     out = model(coors, tokens=tokens, mask=mask)
     assert out.shape == coors.shape and torch.isfinite(out).all()
     err = equivariance_error(model, coors, feats=tokens, mask=mask, translate=True, output_translates=False,
                              call=displacement_call)
     assert err.rel < 1e-6, err
-    with pytest.raises(ValueError, match="needs network=vnt"):
-        BackboneDenoiser(default_model_config(), TaskConfig(network=network, points="residue"))
+    assert not hasattr(model, "residues")  # task.points is vnt's: a peer takes one point per atom
 
 
 def test_validation_noise_belongs_to_the_example_not_the_batch():

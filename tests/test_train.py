@@ -237,7 +237,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(embedded, cache_di
 def test_bad_options_fail_before_any_process_starts(tmp_path, cache_dir):
     run_dir = tmp_path / "bad"
     for args, message in [(["--model-dmi", "3"], "unrecognized arguments: --model-dmi"),
-                          (["--run-zero-stage", "5"], "zero_stage"),
+                          (["--run-zero-stage", "5"], "--run-zero-stage: '5' is not one of 0, 1, 2, 3"),
                           (["--run-zero-stage", "2", *ds_json("zero0.json")],
                            "zero0.json sets zero_optimization.stage=0 but --run-zero-stage 2 was given")]:
         out = launch(["--run-dir", run_dir, *args], cache_dir, timeout=60)

@@ -67,7 +67,7 @@ class TaskConfig:
     """What the denoiser is made of besides the VNTransformer's own hyper-parameters (``model``)."""
 
     network: Literal["vnt", "vn-transformer-0.1.0", "en-transformer"] = "vnt"  # the equivariant network (peers: vnt.peers)
-    points: Literal["atom", "residue"] = "residue"  # vnt: a point per residue with its 4 atoms as 4 vector channels, or per atom
+    points: Literal["atom", "residue"] = "residue"  # vnt's points: a residue with its 4 atoms as 4 vector channels, or an atom (peers: atoms)
     en_neighbors: int = 32              # en-transformer: nearest neighbours each point attends to
 
     def to_dict(self) -> dict:
@@ -92,9 +92,7 @@ class BackboneDenoiser(torch.nn.Module):
             raise ValueError("the denoiser predicts displacements: set model translation_invariant=True")
         self.config, self.task_config = cfg, task
         self.token_emb = torch.nn.Embedding(cfg.num_tokens or NUM_RESIDUE_TOKENS * NUM_ATOMS, cfg.dim_feat)
-        if task.network != "vnt" and task.points != "atom":
-            raise ValueError(f"points={task.points} needs network=vnt (the peers take one point per atom)")
-        if task.network == "vnt" and task.points == "residue":
+        if task.network == "vnt" and task.points == "residue":  # (the peers take one point per atom)
             self.residues = ResidueVNTransformer(cfg)
         elif task.network == "vnt":
             self.vnt = VNTransformer.from_config(dataclasses.replace(cfg, num_tokens=None))
@@ -200,9 +198,10 @@ def load_denoiser(path, *, step: int | None = None, device="cpu") -> BackboneDen
     """The trained denoiser of a run directory (its latest checkpoint, or ``step``), with float32
     weights, in eval mode; or the model in a file written by ``python -m vnt.denoise --export``.
 
-    Any ZeRO stage: a float32 ZeRO-0 checkpoint holds the whole model; otherwise (ZeRO >= 1, or
-    bf16, whose float32 master weights are partitioned over the ranks) DeepSpeed's own
-    ``zero_to_fp32`` consolidates them (this imports deepspeed; an exported file needs none). The
+    Any ZeRO stage: a ZeRO-0 checkpoint holds the whole model (in bf16, with the float32 master
+    weights in DeepSpeed's optimizer state, which are used); under ZeRO >= 1 the float32 masters are
+    partitioned over the ranks and DeepSpeed's own ``zero_to_fp32`` consolidates them (this imports
+    deepspeed; an exported file needs none). The
     checkpoint is verified against its manifest first (``vnt.checkpoint``).
     """
     from vnt import checkpoint
@@ -233,8 +232,15 @@ def load_denoiser(path, *, step: int | None = None, device="cpu") -> BackboneDen
             with contextlib.redirect_stdout(sys.stderr):  # its progress lines; stdout is the caller's (JSON)
                 state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
         else:
-            state = torch.load(ckpt_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu",
-                               weights_only=False)["module"]
+            blob = torch.load(ckpt_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+            state = blob["module"]
+            # bf16 without ZeRO: the module holds bf16 weights, DeepSpeed's optimizer the float32 masters, in order
+            masters = [t for group in (blob.get("optimizer") or {}).get("fp32_groups") or [] for t in group]
+            if masters and any(v.dtype != torch.float32 for v in state.values()):
+                if [tuple(t.shape) for t in masters] != [tuple(v.shape) for v in state.values()]:
+                    raise checkpoint.CheckpointError(f"{ckpt_dir / tag}: the float32 master weights do not match the "
+                                                     f"model's parameters")
+                state = dict(zip(state, masters))
     model = BackboneDenoiser(cfg, task_cfg)
     model.load_state_dict({k: v.float() for k, v in state.items()})
     model.task = task  # what inference needs of the run: coord_scale, the window (max_length), sigma

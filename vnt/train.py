@@ -11,8 +11,8 @@ Every ZeRO stage (0-3), float32 or bf16. Checkpoints (``vnt.checkpoint``) carry 
 resume on any number of processes: optimizer steps and the LR schedule continue from the
 checkpoint's step; the data continue at the first batch of the job's batch sequence that no rank
 has consumed (``vnt.data.ShardedBatchSampler``); the micro batch and accumulation stay, so the
-global batch scales with the number of processes. Partitioned optimizer state (ZeRO >= 1, or
-bf16) is re-partitioned through DeepSpeed's universal checkpoint.
+global batch scales with the number of processes. Optimizer state partitioned over the ranks
+(ZeRO >= 1) is re-partitioned through DeepSpeed's universal checkpoint.
 """
 from __future__ import annotations
 
@@ -249,10 +249,12 @@ class Trainer:
             os._exit(13)
         self.dist.barrier()  # every rank has written its files
         if self.is_main:
+            # optimizer state split over the ranks (ZeRO >= 1): files of their own, re-partitioned to resume elsewhere
+            partitioned = any("zero_pp_rank" in p.name and "optim_states" in p.name for p in (self.ckpt_dir / tag).iterdir())
             checkpoint.commit(self.ckpt_dir, tag, {
                 "step": self.step, "consumed": self.consumed, "world_size": self.world,
                 "zero_stage": self.zero_stage, "bf16": self.engine.bfloat16_enabled(), "max_steps": self.max_steps,
-                "partitioned_optimizer": self.zero_stage > 0 or self.engine.bfloat16_enabled(),
+                "partitioned_optimizer": partitioned,
             }, keep_last=run.keep_last)
             self.log(f"checkpoint: step {self.step} -> {self.ckpt_dir / tag}")
         self.dist.barrier()
