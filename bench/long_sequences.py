@@ -1,7 +1,8 @@
 """Long sequences under a memory limit: one training step (forward + backward) per backend and
-length in a fresh process whose address space is capped (RLIMIT_AS), so an allocation past the
-limit fails there as out-of-memory. The quadratic attention matrix of the written-out `math` path
-runs out where the SDPA kernels (sdpa, l2) train on.
+length in a fresh process. After the model and inputs are built, the process's address space is
+capped (RLIMIT_AS) at its size then plus the limit, so an allocation that would take the step past
+the limit fails there as out-of-memory. The quadratic attention matrix of the written-out `math`
+path runs out where the SDPA kernels (sdpa, l2) train on.
 
     python -m bench.long_sequences [--limit-gib 3] [--lengths 1024,2048,4096]
 
@@ -22,8 +23,16 @@ from bench.cases import BACKENDS, SMALL, Case
 OUT = Path(__file__).parents[1] / "results" / "bench"
 
 
+def _vm_size_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmSize:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmSize in /proc/self/status (Linux only)")
+
+
 def _one_step(case_json: str, limit_bytes: int) -> None:
-    """In the child: cap the address space, then build the model and run one forward+backward."""
+    """In the child: build the model, cap the address space at its size plus the limit, then run one
+    (cold) forward+backward."""
     import torch
 
     from bench.measure import build, step_fns
@@ -32,9 +41,8 @@ def _one_step(case_json: str, limit_bytes: int) -> None:
     case = Case(**d)
     model, coors, feats = build(case, "cpu")
     _, fb = step_fns(model, coors, feats, case, "cpu")
-    fb()  # warm: allocator pools, kernel choice
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    resource.setrlimit(resource.RLIMIT_AS, (limit_bytes, limit_bytes))
+    base = _vm_size_bytes()
+    resource.setrlimit(resource.RLIMIT_AS, (base + limit_bytes, base + limit_bytes))
     t = time.perf_counter()
     try:
         fb()
@@ -44,9 +52,7 @@ def _one_step(case_json: str, limit_bytes: int) -> None:
         print(json.dumps({"status": "oom", "error": str(err).splitlines()[0][:200]}))
         return
     print(json.dumps({"status": "ok", "fwd_bwd_s": time.perf_counter() - t,
-                      "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                      "rss_before_mib": base / 1024}))
-
+                      "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
 def main(argv=None) -> int:
@@ -79,14 +85,15 @@ def main(argv=None) -> int:
     df = pd.DataFrame(rows)
     df.to_csv(out / "long_sequences.csv", index=False)
     meta = {**env, "command": "python -m bench.long_sequences " + " ".join(argv or sys.argv[1:]),
-            "limit_gib": args.limit_gib, "protocol": "one warm-up step, then RLIMIT_AS, then one timed step"}
+            "limit_gib": args.limit_gib, "protocol": "model and inputs built, then RLIMIT_AS = address space then + limit, then one cold timed step"}
     (out / "long_sequences.meta.json").write_text(json.dumps(meta, indent=2))
     table = df.pivot_table(index="n", columns="backend", values="status", aggfunc="first")
     time_ = df[df["status"] == "ok"].pivot_table(index="n", columns="backend", values="fwd_bwd_s")
     lines = [f"# Long sequences under a {args.limit_gib:g} GiB address-space limit", "",
              f"One forward+backward per case (dim {SMALL['dim']}, depth 2, {SMALL['heads']} heads x "
-             f"{SMALL['dim_head']}, dim_feat {SMALL['dim_feat']}, batch 1, float32) in a fresh process: one warm-up "
-             "step, then `RLIMIT_AS` set, then the timed step. `oom`: an allocation failed under the limit.", "",
+             f"{SMALL['dim_head']}, dim_feat {SMALL['dim_feat']}, batch 1, float32) in a fresh process: model and inputs "
+             "built, then `RLIMIT_AS` set to the address space then plus the limit, then one cold timed step. "
+             "`oom`: an allocation failed under the limit.", "",
              *[f"- {k}: {v}" for k, v in meta.items()], "", "## Status", "", table.to_markdown(), "",
              "## Forward+backward time (s) where it ran", "", time_.round(2).to_markdown() if len(time_) else "(none)", ""]
     (out / "long_sequences.md").write_text("\n".join(lines))

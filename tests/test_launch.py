@@ -1,5 +1,6 @@
 """The launch scripts: the command the bash wrapper builds (DRY_RUN, a fake nvidia-smi), and SLURM's
 sbatch script end to end with shims for scontrol and srun."""
+import functools
 import os
 import shlex
 import signal
@@ -24,14 +25,15 @@ exit 1
 """
 
 
-def dry_run(tmp_path, *args, gpus=False, **env):
-    """The launch command `bash launch/train.sh ARGS` would run, as a list."""
+def dry_run(tmp_path, *args, gpus=False, cache_dir=None, **env):
+    """The launch command `bash launch/train.sh ARGS` would run, as a list (its option check builds
+    the embedded set in ``cache_dir`` unless it is there: pass the session's)."""
     bin_dir = tmp_path / ("bin-gpus" if gpus else "bin-no-gpu")
     bin_dir.mkdir(exist_ok=True)
     (bin_dir / "nvidia-smi").write_text(FAKE_NVIDIA_SMI if gpus else NO_GPU_NVIDIA_SMI)
     (bin_dir / "nvidia-smi").chmod(0o755)
     extra = {**env, "PATH": f"{bin_dir}:{env_for(tmp_path)['PATH']}"}
-    full_env = env_for(tmp_path, DRY_RUN=1, **extra)
+    full_env = env_for(cache_dir or tmp_path, DRY_RUN=1, **extra)
     for key in [k for k, v in env.items() if v is None]:
         full_env.pop(key)
     out = subprocess.run(["bash", "launch/train.sh", *map(str, args)], cwd=ROOT, env=full_env,
@@ -39,76 +41,82 @@ def dry_run(tmp_path, *args, gpus=False, **env):
     return out.returncode, shlex.split(out.stdout), out.stderr
 
 
+@pytest.fixture
+def dry(tmp_path, cache_dir, embedded):
+    """dry_run with this test's tmp_path and the session's embedded set."""
+    return functools.partial(dry_run, tmp_path, cache_dir=cache_dir)
+
+
 def launcher_flags(cmd):
     return cmd[1:cmd.index("launch/train.sh")]
 
 
-def test_dry_run_prints_the_launch_command(tmp_path):
-    code, cmd, err = dry_run(tmp_path, "--max-steps", 3, NUM_GPUS=3)
+def test_dry_run_prints_the_launch_command(tmp_path, dry):
+    code, cmd, err = dry("--max-steps", 3, NUM_GPUS=3)
     assert code == 0, err
     assert cmd[0] == "deepspeed" and cmd[cmd.index("--num_gpus") + 1] == "3"
     trainer = cmd[cmd.index("launch/train.sh") + 1:]
     assert trainer[:2] == ["--run-dir", trainer[1]] and trainer[1].startswith("runs/") and "--max-steps" in trainer
 
 
-def test_without_gpus_two_cpu_processes(tmp_path):
-    code, cmd, err = dry_run(tmp_path, CUDA_VISIBLE_DEVICES=None)
+def test_without_gpus_two_cpu_processes(tmp_path, dry):
+    code, cmd, err = dry(CUDA_VISIBLE_DEVICES=None)
     assert code == 0, err
     assert launcher_flags(cmd)[:2] == ["--num_gpus", "2"]
 
 
-def test_gpus_every_device_by_default_and_visible_devices_are_honoured(tmp_path):
-    code, cmd, err = dry_run(tmp_path, gpus=True, CUDA_VISIBLE_DEVICES=None)
+def test_gpus_every_device_by_default_and_visible_devices_are_honoured(tmp_path, dry):
+    code, cmd, err = dry(gpus=True, CUDA_VISIBLE_DEVICES=None)
     assert code == 0, err
     assert not {"--num_gpus", "--num_nodes", "--include"} & set(launcher_flags(cmd))  # DeepSpeed takes every GPU
-    code, cmd, err = dry_run(tmp_path, gpus=True, CUDA_VISIBLE_DEVICES="1,3")
+    code, cmd, err = dry(gpus=True, CUDA_VISIBLE_DEVICES="1,3")
     assert code == 0, err
     assert launcher_flags(cmd)[:2] == ["--include", "localhost:1,3"]
-    code, cmd, err = dry_run(tmp_path, gpus=True, CUDA_VISIBLE_DEVICES="GPU-0,GPU-2")
+    code, cmd, err = dry(gpus=True, CUDA_VISIBLE_DEVICES="GPU-0,GPU-2")
     assert code == 2 and "set INCLUDE=localhost:0,1 or NUM_GPUS" in err
-    code, cmd, err = dry_run(tmp_path, gpus=True, CUDA_VISIBLE_DEVICES="1,3", NUM_GPUS=2)  # explicit wins
+    code, cmd, err = dry(gpus=True, CUDA_VISIBLE_DEVICES="1,3", NUM_GPUS=2)  # explicit wins
     assert launcher_flags(cmd)[:2] == ["--num_gpus", "2"]
 
 
-def test_include_exclude_and_launcher_args_pass_through(tmp_path):
-    code, cmd, err = dry_run(tmp_path, gpus=True, INCLUDE="localhost:0,2", LAUNCHER_ARGS="--bind_cores_to_rank "
+def test_include_exclude_and_launcher_args_pass_through(tmp_path, dry):
+    code, cmd, err = dry(gpus=True, INCLUDE="localhost:0,2", LAUNCHER_ARGS="--bind_cores_to_rank "
                              "--enable_each_rank_log runs/x/ranks")
     assert code == 0, err
     flags = launcher_flags(cmd)
     assert flags[:2] == ["--include", "localhost:0,2"]
     assert flags[-3:] == ["--bind_cores_to_rank", "--enable_each_rank_log", "runs/x/ranks"]
-    code, cmd, err = dry_run(tmp_path, gpus=True, EXCLUDE="localhost:1")
+    code, cmd, err = dry(gpus=True, EXCLUDE="localhost:1")
     assert launcher_flags(cmd)[:2] == ["--exclude", "localhost:1"]
-    code, _, err = dry_run(tmp_path, gpus=True, INCLUDE="localhost:0", NUM_GPUS=1)
+    code, _, err = dry(gpus=True, INCLUDE="localhost:0", NUM_GPUS=1)
     assert code == 2 and "exclude each other" in err
 
 
-def test_hostfile_master_is_its_first_host(tmp_path):
+def test_hostfile_master_is_its_first_host(tmp_path, dry):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("# nodes\n\nnode-001 slots=8\nnode-002 slots=8\n")
     # over ssh: no --master_addr, so DeepSpeed asks the first host for its address
-    code, cmd, err = dry_run(tmp_path, gpus=True, HOSTFILE=hostfile, NUM_NODES=2, MASTER_ADDR=None,
+    code, cmd, err = dry(gpus=True, HOSTFILE=hostfile, NUM_NODES=2, MASTER_ADDR=None,
                              MASTER_PORT=None)
     assert code == 0, err
     flags = launcher_flags(cmd)
     assert "--master_addr" not in flags and flags[flags.index("--master_port") + 1] == "29500"
     assert flags[flags.index("--hostfile") + 1] == str(hostfile) and "--num_gpus" not in flags
     # one launcher per node, no ssh: the first host, named
-    code, cmd, err = dry_run(tmp_path, gpus=True, HOSTFILE=hostfile, NO_SSH=1, NODE_RANK=1, RUN_DIR=tmp_path / "r",
+    code, cmd, err = dry(gpus=True, HOSTFILE=hostfile, NO_SSH=1, NODE_RANK=1, RUN_DIR=tmp_path / "r",
                              MASTER_ADDR=None)
     flags = launcher_flags(cmd)
     assert code == 0, err
     assert flags[flags.index("--master_addr") + 1] == "node-001"
     assert flags[-3:] == ["--no_ssh", "--node_rank", "1"]
     # and a given MASTER_ADDR wins
-    code, cmd, err = dry_run(tmp_path, HOSTFILE=hostfile, MASTER_ADDR="10.0.0.5")
+    code, cmd, err = dry(HOSTFILE=hostfile, MASTER_ADDR="10.0.0.5")
     assert launcher_flags(cmd)[launcher_flags(cmd).index("--master_addr") + 1] == "10.0.0.5"
 
 
-def test_one_launcher_per_node_needs_a_shared_run_dir(tmp_path):
-    code, _, err = dry_run(tmp_path, NO_SSH=1, NODE_RANK=0, RUN_DIR=None)
+def test_one_launcher_per_node_needs_a_shared_run_dir(tmp_path, dry):
+    code, _, err = dry(NO_SSH=1, NODE_RANK=0, RUN_DIR=None)
     assert code == 2 and "needs RUN_DIR" in err
-    code, _, err = dry_run(tmp_path, "--run-dir", tmp_path / "b", RUN_DIR=tmp_path / "a")
+    code, _, err = dry("--run-dir", tmp_path / "b", RUN_DIR=tmp_path / "a")
     assert code == 2 and "disagree" in err
 
 
