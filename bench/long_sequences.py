@@ -88,7 +88,8 @@ def main(argv=None) -> int:
             "limit_gib": args.limit_gib, "protocol": "model and inputs built, then RLIMIT_AS = address space then + limit, then one cold timed step"}
     (out / "long_sequences.meta.json").write_text(json.dumps(meta, indent=2))
     table = df.pivot_table(index="n", columns="backend", values="status", aggfunc="first")
-    time_ = df[df["status"] == "ok"].pivot_table(index="n", columns="backend", values="fwd_bwd_s")
+    ok = df[df["status"] == "ok"]
+    time_ = ok.pivot_table(index="n", columns="backend", values="fwd_bwd_s") if len(ok) else pd.DataFrame()
     lines = [f"# Long sequences under a {args.limit_gib:g} GiB address-space limit", "",
              f"One forward+backward per case (dim {SMALL['dim']}, depth 2, {SMALL['heads']} heads x "
              f"{SMALL['dim_head']}, dim_feat {SMALL['dim_feat']}, batch 1, float32) in a fresh process: model and inputs "

@@ -137,3 +137,20 @@ def test_numerics_report_rows_and_summary(tmp_path):
     assert list(summary["case"]) == [c.id for c in small]
     assert summary.set_index("case").loc[small[2].id, "float32 / activation floor"] == ""
     assert all(s.endswith("/2") for s in summary["seeds <= 1e-05"])
+
+
+def test_long_sequences_math_runs_out_under_the_limit_where_sdpa_and_l2_train(tmp_path):
+    """bench.long_sequences at tiny scale: 64 points fit every backend; at 1024 the written-out
+    attention's n x n matrices (16 MiB each here) exceed a 0.3 GiB limit, the SDPA kernels' do not."""
+    import pandas as pd
+
+    proc = subprocess.run([sys.executable, "-m", "bench.long_sequences", "--lengths", "64,1024", "--limit-gib",
+                           "0.3", "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    df = pd.read_csv(tmp_path / "long_sequences.csv")
+    status = {(r.n, r.backend): r.status for r in df.itertuples()}
+    assert status == {(64, "sdpa"): "ok", (64, "math"): "ok", (64, "l2"): "ok",
+                      (1024, "sdpa"): "ok", (1024, "math"): "oom", (1024, "l2"): "ok"}, df
+    assert "Cannot allocate memory" in df.set_index(["n", "backend"]).loc[(1024, "math"), "error"]
+    md = (tmp_path / "long_sequences.md").read_text()
+    assert "0.3 GiB" in md and "oom" in md
