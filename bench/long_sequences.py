@@ -4,7 +4,7 @@ capped (RLIMIT_AS) at its size then plus the limit, so an allocation that would 
 the limit fails there as out-of-memory. The quadratic attention matrix of the written-out `math`
 path runs out where the SDPA kernels (sdpa, l2) train on.
 
-    python -m bench.long_sequences [--limit-gib 3] [--lengths 1024,2048,4096]
+    python -m bench.long_sequences [--limit-gib 1] [--lengths 1024,2048,4096]
 
 writes results/bench/long_sequences.{csv,md,meta.json}.
 """
@@ -58,7 +58,7 @@ def _one_step(case_json: str, limit_bytes: int) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.long_sequences", allow_abbrev=False, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--limit-gib", type=float, default=3.0, help="address space of the step's process (GiB)")
+    p.add_argument("--limit-gib", type=float, default=1.0, help="address space the step may add (GiB)")
     p.add_argument("--lengths", default="1024,2048,4096")
     p.add_argument("--out", default=str(OUT))
     args = p.parse_args(argv)
