@@ -47,6 +47,18 @@ def test_bad_values_are_one_line_usage_errors(argv, message, capsys):
     assert message in usage_error(train.main, argv, capsys)
 
 
+def test_check_builds_large_models_on_the_meta_device_and_still_catches_their_errors(capsys):
+    """--check builds the model as the ranks will: a billion-parameter one on the meta device (no
+    memory, no init), the default on the CPU (faster than the meta device's first op)."""
+    from vnt.config import TrainConfig
+    big = TrainConfig().replace("model", dim=2048, depth=24, heads=16, dim_head=128, dim_feat=64)
+    assert train.check_model(big).type == "meta"
+    assert train.check_model(TrainConfig()).type == "cpu"
+    large = ["--model-dim", "2048", "--model-depth", "24", "--model-heads", "16", "--model-dim-head", "128"]
+    assert "the denoiser needs an even model dim_feat, got 15" in usage_error(
+        train.main, ["--check", *large, "--model-dim-feat", "15"], capsys)
+
+
 def test_help_has_descriptions_defaults_and_choices(capsys):
     with pytest.raises(SystemExit):
         train.main(["--help"])

@@ -75,14 +75,30 @@ def config_from_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
             cfg.deepspeed_config(world_size=int(os.environ["WORLD_SIZE"]))
         if args.check:  # before any process starts: every construction error, the data, a bad --run-resume-from
             cfg.deepspeed_config(world_size=1 if cfg.run.ds_config is None else _json_world(cfg))
-            with torch.no_grad():
-                BackboneDenoiser(cfg.model, cfg.task)
+            check_model(cfg)
             load_proteins(cfg.data, progress=False)
             if cfg.run.run_dir and cfg.run.resume_from:
                 checkpoint.choose(Path(cfg.run.run_dir) / "checkpoints", resume_from=cfg.run.resume_from)
     except (ValueError, TypeError, ImportError, checkpoint.CheckpointError, DataError, DownloadUnavailable) as err:
         cli.fail(p, err)
     return cfg, args
+
+
+# A model whose attention alone holds more parameters than this is built on the meta device by
+# --check (no memory, no init). Smaller ones are built on the CPU: ~0.02 s for the default, where the
+# meta device costs 1.6-2.3 s per check (torch imports torch._dynamo for the first meta op).
+META_CHECK_PARAMETERS = 2 ** 24
+
+
+def check_model(cfg: TrainConfig) -> torch.device:
+    """Build the model as the ranks will (every construction error raises here); returns the device
+    it was built on: meta for large models, cpu otherwise."""
+    m = cfg.model
+    attention_params = 4 * m.depth * m.dim * m.heads * m.dim_head
+    device = torch.device("meta" if attention_params > META_CHECK_PARAMETERS else "cpu")
+    with device, torch.no_grad():
+        model = BackboneDenoiser(m, cfg.task)
+    return next(model.parameters()).device
 
 
 def _json_world(cfg: TrainConfig) -> int:
