@@ -35,12 +35,8 @@ def _one_step(case_json: str, limit_bytes: int) -> None:
     (cold) forward+backward."""
     import torch
 
-    from bench.measure import build, step_fns
-    d = json.loads(case_json)
-    d.pop("case_id")
-    case = Case(**d)
-    model, coors, feats = build(case, "cpu")
-    _, fb = step_fns(model, coors, feats, case, "cpu")
+    from bench.measure import child_step
+    fb = child_step(case_json)
     base = _vm_size_bytes()
     resource.setrlimit(resource.RLIMIT_AS, (base + limit_bytes, base + limit_bytes))
     t = time.perf_counter()

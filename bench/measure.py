@@ -186,16 +186,21 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def child_step(case_json: str):
+    """In a fresh process: the forward+backward step of the case ``Case.to_dict()`` serialised, on the CPU."""
+    d = json.loads(case_json)
+    d.pop("case_id")
+    case = Case(**d)
+    model, coors, feats = build(case, "cpu")
+    return step_fns(model, coors, feats, case, "cpu")[1]
+
+
 def _subprocess_peak(case_json: str) -> None:
     """Runs in a fresh process with MALLOC_MMAP_THRESHOLD_=0, so every freed buffer leaves the
     resident set at once and RSS tracks live memory; a thread samples RSS every 0.2 ms."""
     import threading
 
-    d = json.loads(case_json)
-    d.pop("case_id")
-    case = Case(**d)
-    model, coors, feats = build(case, "cpu")
-    _, fb = step_fns(model, coors, feats, case, "cpu")
+    fb = child_step(case_json)
     base = _rss_bytes()
     peak = [base]
     done = threading.Event()
