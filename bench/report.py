@@ -71,15 +71,18 @@ def to_frame(rows: list[dict]):
     return df[COLUMNS + [c for c in df.columns if c not in COLUMNS]]
 
 
-def write(rows: list[dict], *, protocol: dict, out_dir: Path = RESULTS) -> Path:
+def _save(df, *, protocol: dict, out_dir: Path) -> None:
+    """latest.csv and a dated copy, each with its metadata sidecar (<name>.meta.json)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    df = to_frame(rows)
     meta = {**environment(), **protocol}  # a protocol that carries the session's environment keeps it
-    df.to_csv(out_dir / "latest.csv", index=False)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    df.to_csv(out_dir / f"{stamp}.csv", index=False)
     for name in ("latest", stamp):  # every dated CSV carries its own metadata in a sidecar
+        df.to_csv(out_dir / f"{name}.csv", index=False)
         (out_dir / f"{name}.meta.json").write_text(json.dumps(meta, indent=2))
+
+
+def write(rows: list[dict], *, protocol: dict, out_dir: Path = RESULTS) -> Path:
+    _save(to_frame(rows), protocol=protocol, out_dir=out_dir)
     render(out_dir)
     return out_dir
 
@@ -258,13 +261,7 @@ TRAIN = RESULTS.parent / "train-bench"
 
 def write_train(rows: list[dict], *, protocol: dict, out_dir: Path = TRAIN) -> Path:
     import pandas as pd
-    out_dir.mkdir(parents=True, exist_ok=True)
-    df = pd.DataFrame(rows)
-    meta = {**environment(), **protocol}
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    for name in ("latest", stamp):
-        df.to_csv(out_dir / f"{name}.csv", index=False)
-        (out_dir / f"{name}.meta.json").write_text(json.dumps(meta, indent=2))
+    _save(pd.DataFrame(rows), protocol=protocol, out_dir=out_dir)
     render_train(out_dir)
     return out_dir
 
