@@ -154,3 +154,16 @@ def test_long_sequences_math_runs_out_under_the_limit_where_sdpa_and_l2_train(tm
     assert "Cannot allocate memory" in df.set_index(["n", "backend"]).loc[(1024, "math"), "error"]
     md = (tmp_path / "long_sequences.md").read_text()
     assert "0.3 GiB" in md and "oom" in md
+
+
+def test_report_re_renders_a_folder_from_its_csv(tiny_session, tmp_path, capsys):
+    """`python -m bench.report FOLDER`: latest.md rebuilt from latest.csv and its metadata alone."""
+    import shutil
+    folder = tmp_path / "bench"
+    folder.mkdir()
+    for name in ("latest.csv", "latest.meta.json"):
+        shutil.copy(tiny_session / name, folder / name)
+    assert report.main([str(folder)]) == 0
+    assert f"rendered {folder}/latest.md" in capsys.readouterr().out
+    md = (folder / "latest.md").read_text()
+    assert md.startswith("# Benchmark report (tiny profile)") and "## Protocol" in md and "| sdpa " in md
