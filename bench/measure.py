@@ -96,7 +96,9 @@ def quartiles(xs: list[float]) -> tuple[float, float]:
 def count_flops(case: Case, device: str) -> int:
     """FLOPs of one forward+backward, counted by FlopCounterMode on the written-out attention path
     of the same model (math for sdpa, l2_math for vnt's l2): the counter does not see inside the
-    fused CPU SDPA kernels, and the arithmetic is the same."""
+    fused CPU SDPA kernels, and the arithmetic is the same, except that vnt's l2_math counts the
+    tied-key form (its score backward is one GEMM, where a fused kernel runs two: l2 rows run on
+    SDPA, ``attn_kernel`` not "einsum", did one GEMM per score more than counted)."""
     from torch.utils.flop_counter import FlopCounterMode
     written_out = {"sdpa": "math", "l2": "l2_math" if case.impl == "vnt" else "l2"}
     model, coors, feats = build(dataclasses.replace(case, backend=written_out.get(case.backend, case.backend),
@@ -134,13 +136,15 @@ def bf16_native(device: str) -> bool:
 
 
 def reference_check(case: Case, device: str) -> float:
-    """Max abs difference of this backend against the math path (same weights, float32)."""
+    """Max abs difference of this backend against the math path (same weights, float32); for l2, the
+    written-out L2 attention in projected form (per-head keys: a computation that shares no kernel or
+    folding with the l2 backend's, whichever of its paths runs)."""
     if case.impl != "vnt" or case.backend == "math":
         return 0.0
     from vnt import VNTransformer
     model, coors, feats = build(dataclasses.replace(case, compile=False), device)
-    ref_backend = "l2_math" if case.backend == "l2" else "math"
-    ref = VNTransformer(**{**model.config.to_dict(), "attn_backend": ref_backend}).to(device)
+    ref_config = {"attn_backend": "l2_math", "attn_fold": False} if case.backend == "l2" else {"attn_backend": "math"}
+    ref = VNTransformer(**{**model.config.to_dict(), **ref_config}).to(device)
     ref.load_state_dict(model.state_dict())
     with torch.no_grad():
         a, b = model(coors, feats=feats), ref(coors, feats=feats)
@@ -246,6 +250,9 @@ def measure(case: Case, *, device: str, rounds: int, warmup: int, peaks: dict[st
             t_fb = list(benchmark.stats.stats.data)
         else:
             t_fb = time_fn(fb, rounds=rounds, warmup=warmup, device=device)
+        if case.impl == "vnt":  # the kernel(s) the attention layers ran: "einsum" = written out
+            kernels = getattr(model, "_orig_mod", model).encoder.attention_kernels()
+            row["attn_kernel"] = "+".join(sorted({str(k) for k in kernels}))
         flops = count_flops(case, device)
         mem, mem_method = (float("nan"), "not measured (compiled)") if case.compile else peak_memory_mib(case, device)
         row["equiv_rel_err"], row["equiv_floor_rel_err"] = equivariance(case, device)

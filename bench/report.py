@@ -139,6 +139,8 @@ def render(out_dir: Path = RESULTS) -> None:
             timed = ok[(ok["group"] == other) & (ok["bias_epsilon"] == r["bias_epsilon"])].set_index("backend")
             if len(timed):
                 speed[column] = timed["fwd_bwd_ms"]
+        if "attn_kernel" in rows_:
+            speed["vnt_kernel"] = rows_[rows_["impl"] == "vnt"].set_index("backend")["attn_kernel"]
         lines += [f"## Forward+backward time, {title} (ms; {_config(r)}, n {int(r['n'])}, float32, timed one "
                   f"model at a time)", "", _table(speed.round(2)), "",
                   "Fraction of the measured float32 GEMM peak:", "",
@@ -175,6 +177,11 @@ def render(out_dir: Path = RESULTS) -> None:
                   _table(length.pivot_table(index="n", columns="backend", values="tokens_per_s").round(0)), "",
                   "## Peak memory of one forward+backward by backend and length (MiB)", "",
                   _table(length.pivot_table(index="n", columns="backend", values="peak_mem_mib").round(1)), ""]
+        if "attn_kernel" in length:
+            lines += ["The attention kernel that ran (`einsum`: written out; l2 runs written out on a CPU while "
+                      "batch x heads x n^2 <= `l2_written_out_max_scores`, 2^21 by default):", "",
+                      _table(length.pivot_table(index="n", columns="backend", values="attn_kernel",
+                                                aggfunc="first")), ""]
     attn = ok[ok["group"] == "attn_memory"]
     if len(attn):
         lines += [f"## Peak memory where attention dominates (MiB; {_config(attn.iloc[0])}, float32)", "",

@@ -100,3 +100,54 @@ def test_bad_backend_or_kernels_fail_at_construction():
         Attend(backend="fast")
     with pytest.raises(ValueError, match="sdpa_kernels"):
         Attend(backend="sdpa", sdpa_kernels=("warp",))
+
+
+@pytest.mark.parametrize("key_bias", [False, True], ids=["no_key_bias", "key_bias"])
+@pytest.mark.parametrize("shared_v", [False, True], ids=["per_head_values", "shared_values"])
+def test_tied_l2_written_out_is_the_l2_formula_and_its_gradient(shared_v, key_bias):
+    """Keys that are the queries (``k is q``) on a CPU within the budget: scores q q^T with a one-GEMM
+    backward and -|k_j|^2 from their diagonal. Outputs and gradients of q, v and the key term equal the
+    cdist formula (float64), the same as the fused kernels' path (budget 0), for l2 and l2_math."""
+    q, _, v, mask = qkv(shared=shared_v)
+    bias = torch.randn(2, 3, 10, dtype=torch.float64) if key_bias else None
+    results = {}
+    for name, attend in {"l2": Attend(backend="l2"), "l2_math": Attend(backend="l2_math"),
+                         "l2_fused": Attend(backend="l2", l2_written_out_max_scores=0)}.items():
+        leaves = [t.clone().requires_grad_(True) for t in (q, v) + ((bias,) if key_bias else ())]
+        out = attend(leaves[0], leaves[0], leaves[1], mask=mask, scale=0.3, key_bias=leaves[2] if key_bias else None)
+        grads = torch.autograd.grad(out.square().sum(), leaves)
+        results[name] = (out, grads, attend.last_kernel)
+    leaves = [t.clone().requires_grad_(True) for t in (q, v) + ((bias,) if key_bias else ())]
+    expect = reference(leaves[0], leaves[0], leaves[1], mask, 0.3, l2=True, key_bias=leaves[2] if key_bias else None)
+    expect_grads = torch.autograd.grad(expect.square().sum(), leaves)
+    assert results["l2"][2] == results["l2_math"][2] == "einsum" and results["l2_fused"][2] != "einsum"
+    for out, grads, _ in results.values():
+        torch.testing.assert_close(out, expect)
+        for g, e in zip(grads, expect_grads):
+            torch.testing.assert_close(g, e)
+
+
+def test_self_gram_backward_is_the_gradient_of_q_q_transposed():
+    from vnt.attend import _SelfGram
+    q = torch.randn(2, 3, 5, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(_SelfGram.apply, (q,))
+
+
+def test_tied_l2_runs_written_out_only_within_the_budget_on_a_cpu():
+    """l2: written out while batch x heads x i x j <= the budget, on the fused kernels beyond it (their
+    memory is O(n)); l2_math always written out; a negative budget fails at construction."""
+    attend = Attend(backend="l2", l2_written_out_max_scores=2 * 3 * 10 * 10)
+    q, _, v, _ = qkv()
+    attend(q, q, v)
+    assert attend.last_kernel == "einsum"
+    q11 = torch.randn(2, 3, 11, 16, dtype=torch.float64)
+    attend(q11, q11, torch.randn(2, 3, 11, 16, dtype=torch.float64))
+    assert attend.last_kernel != "einsum"
+    cpu = torch.device("cpu")
+    assert Attend(backend="l2_math", l2_written_out_max_scores=0).tied_written_out(scores=10 ** 9, device=cpu)
+    assert not Attend(backend="l2").tied_written_out(scores=2 ** 21 + 1, device=cpu)
+    assert Attend(backend="l2").tied_written_out(scores=2 ** 21, device=cpu)
+    assert not Attend(backend="l2").tied_written_out(scores=1, device=torch.device("meta"))
+    assert not Attend(backend="sdpa").tied_written_out(scores=1, device=cpu)
+    with pytest.raises(ValueError, match="l2_written_out_max_scores"):
+        Attend(backend="l2", l2_written_out_max_scores=-1)

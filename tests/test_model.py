@@ -40,9 +40,11 @@ def test_padding_never_changes_valid_outputs(backend):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("pair", [("sdpa", "math"), ("l2", "l2_math")], ids=["sdpa_vs_math", "l2_vs_l2_math"])
+@pytest.mark.parametrize("pair", [("sdpa", "math"), ("l2_fused", "l2_math"), ("l2", "l2_math")],
+                         ids=["sdpa_vs_math", "l2_fused_vs_l2_math", "l2_vs_l2_math"])
 def test_backends_agree_with_math_path(pair, dtype):
-    """Outputs and input gradients of a fused backend match its written-out reference."""
+    """Outputs and input gradients of a fused backend match its written-out reference (l2_fused: l2 on
+    the fused kernels; l2 at this size runs written out with tied keys)."""
     fast, ref = pair
     m_fast = small_model(fast, 8, dtype=dtype)
     m_ref = small_model(ref, 8, dtype=dtype)
@@ -63,10 +65,11 @@ def test_backends_agree_with_math_path(pair, dtype):
 
 @pytest.mark.parametrize("eps", [0.0, 1e-6, 1e-2], ids=["eps0", "eps1e-6", "eps1e-2"])
 @pytest.mark.parametrize("fusion", FUSION.values(), ids=FUSION.keys())
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", [*BACKENDS, "l2_fused"])
 def test_folded_attention_is_the_same_function(backend, fusion, eps):
     """Folded (multi-query) attention equals the projected form, outputs and every gradient, also
-    with the epsilon bias (README difference 9)."""
+    with the epsilon bias (README difference 9). l2 at this size runs written out with tied keys;
+    l2_fused is l2 on the fused kernels (a budget of 0 written-out scores)."""
     m_proj = small_model(backend, fusion, attn_fold=False, bias_epsilon=eps)
     m_fold = small_model(backend, fusion, attn_fold=True, bias_epsilon=eps)
     m_fold.load_state_dict(m_proj.state_dict())
@@ -176,7 +179,7 @@ def test_flags_map_to_backends_and_kernel_is_reported():
 
 @pytest.mark.parametrize("eps", [0.0, 1e-4], ids=["eps0", "eps1e-4"])
 @pytest.mark.parametrize("backend, fold", [("math", False), ("sdpa", False), ("sdpa", True), ("l2", True),
-                                           ("l2_math", False)])
+                                           ("l2_math", False), ("l2_fused", True)])
 def test_forward_and_backward_trace_whole_under_torch_compile(backend, fold, eps):
     """No host synchronisation and no data-dependent Python branch in forward: torch.compile with
     fullgraph=True raises on any graph break (.item(), a branch on a tensor value, kernel probing).

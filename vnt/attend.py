@@ -19,6 +19,11 @@ is not copied. Keys and values may be shared by all heads (multi-query form, hea
 VNAttention folds its projections into the queries and the output map, so its keys and values are
 the input itself; the heads are then folded into the query rows, so no head-sized copy of k or v is
 made.
+
+Tied L2 attention (the keys are the queries, ``k is q``: VNAttention's L2 self attention) runs written
+out on a CPU while its scores (b h i j) number at most ``l2_written_out_max_scores``: there the score
+matrix is q q^T, whose backward is one GEMM, (g + g^T) q, where every fused kernel runs two (dq and
+dk), and |q_j|^2 is its diagonal. Beyond the budget the SDPA kernels run (memory O(n), not O(n^2)).
 """
 from __future__ import annotations
 
@@ -45,6 +50,11 @@ _KERNELS = {
     "cudnn": SDPBackend.CUDNN_ATTENTION,
 }
 
+
+# tied L2 attention on a CPU runs written out up to this many scores (batch x heads x n x n; 8 MiB in
+# float32): measured faster than the CPU flash kernel there (bench: the README example, n 128 to 512;
+# the small-model length sweep), and it keeps the fused kernels' O(n) memory for long sequences
+L2_WRITTEN_OUT_MAX_SCORES = 2 ** 21
 
 _SET_PRIORITY = "set_priority" in inspect.signature(sdpa_kernel).parameters  # torch >= 2.6
 
@@ -80,6 +90,21 @@ def _key_mask(mask: Tensor | None) -> Tensor | None:
     return rearrange(mask | ~mask.any(dim=-1, keepdim=True), "b j -> b 1 1 j")
 
 
+class _SelfGram(torch.autograd.Function):
+    """q q^T over the last two axes, with a one-GEMM backward, (g + g^T) q: autograd on ``q @ q.mT``
+    runs two, as it does not know that both factors are q."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor) -> Tensor:
+        ctx.save_for_backward(q)
+        return torch.matmul(q, q.transpose(-1, -2))
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        q, = ctx.saved_tensors
+        return torch.matmul(grad + grad.transpose(-1, -2), q)
+
+
 class Attend(nn.Module):
     """softmax attention over (b, h, n, e) tensors with a key-padding mask (b, j).
 
@@ -88,8 +113,12 @@ class Attend(nn.Module):
     kernel they asked for is the one they got.
     """
 
-    def __init__(self, *, backend: str = "math", sdpa_kernels: tuple[str, ...] = DEFAULT_SDPA_KERNELS):
+    def __init__(self, *, backend: str = "math", sdpa_kernels: tuple[str, ...] = DEFAULT_SDPA_KERNELS,
+                 l2_written_out_max_scores: int = L2_WRITTEN_OUT_MAX_SCORES):
         super().__init__()
+        if int(l2_written_out_max_scores) < 0:
+            raise ValueError(f"l2_written_out_max_scores must be >= 0, got {l2_written_out_max_scores}")
+        self.l2_written_out_max_scores = int(l2_written_out_max_scores)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         unknown = [k for k in sdpa_kernels if k not in _KERNELS]
@@ -103,6 +132,13 @@ class Attend(nn.Module):
     @property
     def uses_sdpa(self) -> bool:
         return self.backend in ("sdpa", "l2")
+
+    def tied_written_out(self, *, scores: int, device: torch.device) -> bool:
+        """Whether tied L2 attention (``k is q``) with ``scores`` = b h i j runs written out with the
+        q = k symmetry: always for "l2_math"; for "l2" on a CPU within ``l2_written_out_max_scores``."""
+        if self.backend == "l2_math":
+            return True
+        return self.backend == "l2" and device.type == "cpu" and scores <= self.l2_written_out_max_scores
 
     def augment_slots(self, *, heads: int, key_term: bool) -> int:
         """How many zero features a caller with keys shared by ``heads`` heads should leave at the end
@@ -129,6 +165,9 @@ class Attend(nn.Module):
         scale = width ** -0.5 if scale is None else scale
         l2 = self.backend in ("l2", "l2_math")
         m = 2.0 if l2 else 1.0
+        b, h, i, _ = q.shape
+        if l2 and k is q and not q_spare and self.tied_written_out(scores=b * h * i * i, device=q.device):
+            return self._written_out(q, q, v, mask=mask, scale=scale, m=m, key_term=key_bias, tied=True)
         term = key_bias
         if l2:
             k_sq = k.pow(2).sum(-1) if k_sq is None else k_sq
@@ -176,22 +215,29 @@ class Attend(nn.Module):
         return out.view(b, h, i, v.shape[-1]) if shared else out
 
     def _written_out(self, q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor | None, scale: float, m: float = 1.0,
-                     key_term: Tensor | None = None) -> Tensor:
-        """softmax(scale (m q.k + key_term_j)) v, key_term (b h j) or (b 1 j), written out."""
+                     key_term: Tensor | None = None, tied: bool = False) -> Tensor:
+        """softmax(scale (m q.k + key_term_j)) v, key_term (b h j) or (b 1 j), written out. tied (k is q,
+        L2): the scores are q q^T (one-GEMM backward) and -|k_j|^2 is added from its diagonal."""
         self.last_kernel = "einsum"
         b, h, i, _ = q.shape
         j = k.shape[-2]
-        heads_as_rows = "b h i e -> b 1 (h i) e" if k.shape[1] == 1 and h > 1 else "b h i e -> b h i e"
-        sim = torch.matmul(rearrange(q, heads_as_rows), k.transpose(-1, -2)).view(b, h, i, j)
-        if m != 1.0:
-            sim = m * sim
+        rows = "b h i e -> b 1 (h i) e"
+        if tied:
+            sim = _SelfGram.apply(q)
+            sim = m * sim - rearrange(torch.diagonal(sim, dim1=-2, dim2=-1), "b h j -> b h 1 j")
+        else:
+            keys_as = rows if k.shape[1] == 1 and h > 1 else "b h i e -> b h i e"
+            sim = torch.matmul(rearrange(q, keys_as), k.transpose(-1, -2)).view(b, h, i, j)
+            if m != 1.0:
+                sim = m * sim
         if key_term is not None:
             sim = sim + rearrange(key_term, "b h j -> b h 1 j")
         sim = sim * scale
         mask = _key_mask(mask)
         if mask is not None:
             sim = sim.masked_fill(~mask, torch.finfo(sim.dtype).min)
-        attn = rearrange(sim.softmax(dim=-1).to(v.dtype), heads_as_rows)
+        values_as = rows if v.shape[1] == 1 and h > 1 else "b h i e -> b h i e"
+        attn = rearrange(sim.softmax(dim=-1).to(v.dtype), values_as)
         return torch.matmul(attn, v).view(b, h, i, v.shape[-1])
 
     def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor | None, scale: float) -> Tensor:

@@ -287,7 +287,8 @@ class VNAttention(nn.Module):
         if cfg.attn_fold and num_latents is not None:
             raise ValueError("attn_fold=True needs self attention (num_latents=None)")
         self.fold = num_latents is None and (dim <= dim_head if cfg.attn_fold is None else cfg.attn_fold)
-        self.attend = Attend(backend=cfg.attn_backend, sdpa_kernels=cfg.sdpa_kernels)
+        self.attend = Attend(backend=cfg.attn_backend, sdpa_kernels=cfg.sdpa_kernels,
+                             l2_written_out_max_scores=cfg.l2_written_out_max_scores)
         self.to_latents = (VNWeightedPool(dim, num_pooled_tokens=num_latents, squeeze_out_pooled_dim=False)
                            if num_latents is not None else None)
         # L2-distance attention ties queries to keys (self attention only)
@@ -317,7 +318,11 @@ class VNAttention(nn.Module):
         else:
             q = self.to_q(self.to_latents(x, mask=mask))
             k, v = self.to_kv.split(x, 2)
-        q, k, v = (rearrange(t, split, h=self.heads) for t in (q, k, v))
+        if self.tied_qk:  # one tensor: Attend sees that the keys are the queries (k is q)
+            q, v = (rearrange(t, split, h=self.heads) for t in (q, v))
+            k = q
+        else:
+            q, k, v = (rearrange(t, split, h=self.heads) for t in (q, k, v))
         c = x.shape[-2]
         out = self.attend(q, k, v, mask=mask)
         return self.to_out(rearrange(out, "b h n (c d) -> b n c (h d)", c=c))
@@ -328,7 +333,12 @@ class VNAttention(nn.Module):
         w = rearrange(self.to_qkv.weight, "(p h e) d -> p h e d", h=h, p=parts)
         w_q, w_k, w_v = (w[0], w[0], w[1]) if self.tied_qk else w
         w_o = rearrange(self.to_out.weight, "d (h e) -> h e d", h=h)
-        qk_map = w_q.transpose(-1, -2) @ w_k                       # (h, d, d): q.k = (x qk_map) . x
+        # tied L2 attention written out: the scores are q q^T with q = Wq x itself (Attend runs their
+        # backward as one GEMM), when that is cheaper than the folded x (Wq^T Wq) x^T: 2 dim_head < 3 dim
+        # (per score, the folded form runs 3 GEMMs of width dim on the key side, this one 2 of dim_head)
+        tied = (self.tied_qk and 2 * self.dim_head < 3 * d
+                and self.attend.tied_written_out(scores=b * h * n * n, device=x.device))
+        qk_map = None if tied else w_q.transpose(-1, -2) @ w_k     # (h, d, d): q.k = (x qk_map) . x
         vo_map = w_v.transpose(-1, -2) @ w_o                       # (h, d, d): x vo_map = Wo Wv x
         bias, out_bias = self.to_qkv.effective_bias(), self.to_out.effective_bias()
         key_bias = k_sq = None
@@ -339,6 +349,12 @@ class VNAttention(nn.Module):
                 u = torch.einsum("h e, h e d -> h d", b_q, w_k)
                 key_bias = rearrange(x.sum(dim=-2) @ u.transpose(0, 1), "b n h -> b h n")
             out_bias = torch.einsum("h e, h e d -> d", b_v, w_o) + out_bias
+        kv = rearrange(x, "b n c d -> b 1 n (c d)")
+        if tied:  # every head's query map in one GEMM, heads outer for the kernel; keys are the queries
+            q = rearrange(x, "b n c d -> (b n c) d") @ rearrange(w_q, "h e d -> d (h e)")
+            q = rearrange(q, "(b n c) (h e) -> b h n (c e)", b=b, c=c, h=h).contiguous()
+            out = self.attend(q, q, kv, mask=mask, scale=(c * self.dim_head) ** -0.5)
+            return self._map_out(out, vo_map, out_bias, c=c, r=0)
         if self.tied_qk:  # L2 attention: |q_j|^2 = sum_c x_jc qk_map x_jc = <qk_map, x_j^T x_j>, per head
             gram = torch.matmul(x.transpose(-1, -2), x)               # (b, n, d, d)
             k_sq = rearrange(F.linear(rearrange(gram, "b n d e -> b n (d e)"),
@@ -352,12 +368,16 @@ class VNAttention(nn.Module):
         x_rows = rearrange(F.pad(x, (0, 0, 0, r)) if r else x, "b n c d -> (b n c) d")
         q = x_rows @ rearrange(qk_map, "h d e -> d (h e)")
         q = rearrange(q, "(b n c) (h e) -> b h n (c e)", b=b, c=c + r, h=h).contiguous()  # (b, h, n, (c d))
-        kv = rearrange(x, "b n c d -> b 1 n (c d)")
         out = self.attend(q, kv, kv, mask=mask, scale=(c * self.dim_head) ** -0.5, key_bias=key_bias, k_sq=k_sq,
                           q_spare=r * d)                            # (b, h, n, (c + r) d): r spare rows
-        # the output maps of all heads, summed over heads, as one GEMM over (head, channel) columns
+        return self._map_out(out, vo_map, out_bias, c=c, r=r)
+
+    @staticmethod
+    def _map_out(out: Tensor, vo_map: Tensor, out_bias: Tensor | None, *, c: int, r: int) -> Tensor:
+        """(b, h, n, (c + r) d) attention outputs -> (b, n, c, d): the output maps of all heads, summed
+        over heads, as one GEMM over (head, channel) columns; the r spare rows dropped."""
         out = rearrange(out, "b h n (c d) -> b n c (h d)", c=c + r).contiguous() @ rearrange(vo_map, "h d e -> (h d) e")
-        out = out[:, :, :c]
+        out = out[:, :, :c] if r else out
         return out if out_bias is None else out + out_bias
 
 

@@ -10,7 +10,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from vnt.attend import BACKENDS, DEFAULT_SDPA_KERNELS, Backend, resolve_backend
+from vnt.attend import BACKENDS, DEFAULT_SDPA_KERNELS, L2_WRITTEN_OUT_MAX_SCORES, Backend, resolve_backend
 from vnt.layers import RELU_K_NORM_FLOOR, VNLayerNorm, VNLinear, VNTransformerEncoder
 
 
@@ -37,6 +37,7 @@ class VNTransformerConfig:
     translation_invariant: bool = False   # centre the input only
     attn_backend: Backend = "math"        # attention: sdpa is the original's flash_attn, l2 its l2_dist_attn
     sdpa_kernels: tuple[str, ...] = DEFAULT_SDPA_KERNELS  # SDPA kernels to try, in order
+    l2_written_out_max_scores: int = L2_WRITTEN_OUT_MAX_SCORES  # l2 on a CPU: written out up to b*h*n*n scores
     attn_fold: bool | None = None         # folded (multi-query) attention; None: when dim <= dim_head
     ff_mult: float = 4                    # feed-forward hidden width / dim
     relu_negative_slope: float = 0.0      # VN-LeakyReLU slope
@@ -54,6 +55,8 @@ class VNTransformerConfig:
             raise ValueError(f"bias_epsilon must be >= 0, got {self.bias_epsilon}")
         if self.attn_backend not in BACKENDS:
             raise ValueError(f"attn_backend must be one of {BACKENDS}, got {self.attn_backend!r}")
+        if int(self.l2_written_out_max_scores) < 0:
+            raise ValueError(f"l2_written_out_max_scores must be >= 0, got {self.l2_written_out_max_scores}")
         if self.attn_fold not in (None, True, False):
             raise ValueError(f"attn_fold must be None (automatic), True or False, got {self.attn_fold!r}")
         if self.num_tokens is not None and self.dim_feat is None:
