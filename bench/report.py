@@ -126,6 +126,15 @@ def render(out_dir: Path = RESULTS) -> None:
                          .set_index(["paired_config", "backend"])[
                       ["bias_epsilon", "n", "batch", "original_ms", "fwd_bwd_ms", "speedup_paired", "speedup_q1",
                        "speedup_q3", "rounds"]].rename(columns={"fwd_bwd_ms": "vnt_ms"}).round(3)), ""]
+        if "flop_ratio" in paired:
+            lines += ["Where the speed-up comes from: FLOPs of one forward+backward (FlopCounterMode, written-out "
+                      "attention paths), and the FLOP/s each step achieved at the medians above; speed-up = "
+                      "flop_ratio x vnt_gflop_per_s / original_gflop_per_s.", "",
+                      _table(paired.set_index(["paired_config", "backend"])[
+                          ["original_gflop", "fwd_bwd_gflop", "flop_ratio", "original_gflop_per_s",
+                           "achieved_gflop_per_s"]].rename(columns={"fwd_bwd_gflop": "vnt_gflop",
+                                                                    "achieved_gflop_per_s": "vnt_gflop_per_s"})
+                      .round(2)), ""]
     for group, title in (("readme", "the original's README example (eps 1e-6)"), ("readme_eps0", "the same at eps 0")):
         rows_ = ok[ok["group"] == group]
         if not len(rows_):

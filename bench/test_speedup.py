@@ -12,7 +12,7 @@ import statistics
 import pytest
 
 from bench.cases import BACKENDS, Case
-from bench.measure import build, quartiles, step_fns, time_fn
+from bench.measure import build, count_flops, quartiles, step_fns, time_fn
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -38,11 +38,15 @@ def test_paired_speedup(paired, backend, benchmark, profile, rows):
     benchmark.pedantic(one_pair, rounds=rounds, iterations=1)
     ratios = [o / v for o, v in pairs]
     q1, q3 = quartiles(ratios)
+    original_s, vnt_s = statistics.median(o for o, _ in pairs), statistics.median(v for _, v in pairs)
+    # the arithmetic each step does: speed-up = flop_ratio x (vnt's FLOP/s / the original's FLOP/s)
+    original_flop, vnt_flop = count_flops(theirs, dev), count_flops(ours, dev)
     row = {**ours.to_dict(), "kind": "paired", "case_id": f"paired-{config}-{backend}", "paired_config": config,
            "impl": "vnt/original", "device": dev, "status": "ok", "rounds": len(pairs), "warmup": profile["warmup"],
-           "original_ms": statistics.median(o for o, _ in pairs) * 1e3,
-           "fwd_bwd_ms": statistics.median(v for _, v in pairs) * 1e3,
-           "speedup_paired": statistics.median(ratios), "speedup_q1": q1, "speedup_q3": q3}
+           "original_ms": original_s * 1e3, "fwd_bwd_ms": vnt_s * 1e3,
+           "speedup_paired": statistics.median(ratios), "speedup_q1": q1, "speedup_q3": q3,
+           "original_gflop": original_flop / 1e9, "fwd_bwd_gflop": vnt_flop / 1e9, "flop_ratio": original_flop / vnt_flop,
+           "original_gflop_per_s": original_flop / original_s / 1e9, "achieved_gflop_per_s": vnt_flop / vnt_s / 1e9}
     rows.append(row)
     benchmark.extra_info.update(row)
-    assert all(r > 0 for r in ratios)
+    assert all(r > 0 for r in ratios) and original_flop > 0 and vnt_flop > 0
