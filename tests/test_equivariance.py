@@ -74,7 +74,10 @@ DEEP = dict(dim=32, depth=4, dim_head=16, heads=4)  # the float32 check of issue
 
 
 def deep_case(backend, fusion, fold=None):
-    model = VNTransformer(**DEEP, dim_feat=fusion, attn_backend=backend, attn_fold=fold)
+    """backend "l2_fused": l2 on the fused kernels (at this size l2 on a CPU runs written out)."""
+    extra = {"l2_written_out_max_scores": 0} if backend == "l2_fused" else {}
+    backend = "l2" if backend == "l2_fused" else backend
+    model = VNTransformer(**DEEP, dim_feat=fusion, attn_backend=backend, attn_fold=fold, **extra)
     coors = torch.randn(2, 256, 3)
     feats = torch.randn(2, 256, fusion) if fusion else None
     return model, coors, feats
@@ -95,7 +98,7 @@ def rotations(seed=0):
 
 @pytest.mark.parametrize("fusion", [None, 16], ids=["fusion_off", "fusion_on"])
 @pytest.mark.parametrize("backend, fold", [("math", False), ("math", True), ("sdpa", False), ("sdpa", True),
-                                           ("l2", None)])
+                                           ("l2", None), ("l2_fused", None)])
 def test_float32_deep_long_equivariance(backend, fold, fusion):
     """Relative error <= 1e-5 at depth 4, n = 256, every backend and attention form, fusion on and
     off, garbage in the padding (measured 1.4e-6 - 5.8e-6 over 3 seeds). Also asserted: the float32
