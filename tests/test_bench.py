@@ -14,6 +14,7 @@ pytest.importorskip("matplotlib")
 from bench import report
 from bench.cases import Case, full_cases, quick_cases, tiny_cases
 from bench.measure import peak_memory_mib
+from vnt import MALLOC_TUNABLES
 
 ROOT = Path(__file__).parents[1]
 
@@ -154,6 +155,26 @@ def test_long_sequences_math_runs_out_under_the_limit_where_sdpa_and_l2_train(tm
     assert "Cannot allocate memory" in df.set_index(["n", "backend"]).loc[(1024, "math"), "error"]
     md = (tmp_path / "long_sequences.md").read_text()
     assert "0.3 GiB" in md and "oom" in md
+
+
+def test_profile_step_reports_where_a_step_goes(tmp_path):
+    """bench.profile_step at tiny size: block times, FLOPs, the kernel and the top ops, in a report
+    that names its configuration and runs with vnt's malloc settings."""
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    proc = subprocess.run([sys.executable, "-m", "bench.profile_step", "--tiny", "--n", "16", "--batch", "1",
+                           "--rounds", "2", "--top", "5", "--out", str(tmp_path)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    meta = json.loads((tmp_path / "profile_l2_n16.meta.json").read_text())
+    assert meta["glibc_tunables"] == MALLOC_TUNABLES and meta["attn_kernel"] == "einsum"
+    assert set(meta["block_ms"]) == {"attention", "feed-forward", "layer norm"}
+    assert all(v > 0 for v in meta["block_ms"].values()) and meta["step_ms"] > 0 and meta["fwd_bwd_gflop"] > 0
+    md = (tmp_path / "profile_l2_n16.md").read_text()
+    assert "n 16, batch 1, bias_epsilon 1e-06, float32" in md and "| attention (one layer, alone) |" in md
+    assert "Self CPU" in md and "aten::" in md
+    bad = subprocess.run([sys.executable, "-m", "bench.profile_step", "--rounds", "0"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "must be positive" in bad.stderr
 
 
 def test_report_re_renders_a_folder_from_its_csv(tiny_session, tmp_path, capsys):
