@@ -151,3 +151,17 @@ def test_tied_l2_runs_written_out_only_within_the_budget_on_a_cpu():
     assert not Attend(backend="sdpa").tied_written_out(scores=1, device=cpu)
     with pytest.raises(ValueError, match="l2_written_out_max_scores"):
         Attend(backend="l2", l2_written_out_max_scores=-1)
+
+
+def test_tied_l2_written_out_under_bf16_autocast_with_float32_queries():
+    """Autocast runs the score GEMM in bfloat16 on float32 queries: the hand-written backward takes
+    the bfloat16 score gradient and returns a finite float32 gradient close to float32 autograd's."""
+    q = torch.randn(2, 3, 10, 16, requires_grad=True)
+    v = torch.randn(2, 1, 10, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = Attend(backend="l2")(q, q, v)
+    grad, = torch.autograd.grad(out.float().square().sum(), q)
+    ref = reference(q, q, v, torch.ones(2, 10, dtype=torch.bool), 16 ** -0.5, l2=True)
+    ref_grad, = torch.autograd.grad(ref.square().sum(), q)
+    assert out.dtype == torch.bfloat16 and grad.dtype == torch.float32
+    assert (grad - ref_grad).abs().max() <= 0.05 * ref_grad.abs().max()  # bfloat16 has 8 significant bits

@@ -102,6 +102,7 @@ class _SelfGram(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
         q, = ctx.saved_tensors
+        grad = grad.to(q.dtype)  # under autocast the scores' gradient may come in another dtype than q
         return torch.matmul(grad + grad.transpose(-1, -2), q)
 
 
@@ -158,7 +159,8 @@ class Attend(nn.Module):
         scale defaults to e' ** -0.5. key_bias (b h j) or (b 1 j): added to q.k (see the module
         docstring). For the L2 backends, ``k_sq`` (b h j) or (b 1 j) gives the squared key norms
         |k_j|^2 when q.k is a bilinear form that k alone does not determine (VNAttention's folded
-        projections); by default they are computed from k. q_spare: the last q_spare features of q are
+        projections); by default they are computed from k. Tied keys (``k is q``, L2 backends) that run
+        written out (``tied_written_out``) take |q_j|^2 from the scores' diagonal instead. q_spare: the last q_spare features of q are
         zero (the caller reserved them for the augmentation slots); they may be overwritten.
         """
         width = q.shape[-1] - q_spare
