@@ -59,6 +59,15 @@ def test_dry_run_prints_the_launch_command(tmp_path, dry):
     assert trainer[:2] == ["--run-dir", trainer[1]] and trainer[1].startswith("runs/") and "--max-steps" in trainer
 
 
+def test_readme_all_gpus_of_one_machine_command(tmp_path, dry):
+    """README: `NUM_GPUS=8 bash launch/train.sh --model-dim 128 --model-depth 6`, as written."""
+    code, cmd, err = dry("--model-dim", 128, "--model-depth", 6, gpus=True, NUM_GPUS=8)
+    assert code == 0, err
+    assert launcher_flags(cmd)[:2] == ["--num_gpus", "8"]
+    trainer = cmd[cmd.index("launch/train.sh") + 1:]
+    assert trainer[2:] == ["--model-dim", "128", "--model-depth", "6"]
+
+
 def test_without_gpus_two_cpu_processes(tmp_path, dry):
     code, cmd, err = dry(CUDA_VISIBLE_DEVICES=None)
     assert code == 0, err
