@@ -10,13 +10,12 @@ bench/test_allocator.py measures steps with and without them, and the report's p
 what this session ran with.
 """
 import os
-import sys
 import time
 
 import pytest
 import torch
 
-from bench import report
+from bench import exec_with_malloc_tunables, report
 from bench.cases import PAIRED, PAIRED_TINY, README, TINY, cuda_cases, full_cases, quick_cases, tiny_cases
 from bench.train_cases import quality_cases, tiny_train_cases, train_cases
 
@@ -35,11 +34,8 @@ _ENVIRONMENT: dict = {}  # hardware, versions and the git state when the session
 
 
 def pytest_configure(config):
-    if (config.getoption("benchmark_only", default=False) and "GLIBC_TUNABLES" not in os.environ
-            and os.environ.get("VNT_BENCH_MALLOC") != "system"):
-        from vnt import MALLOC_TUNABLES
-        env = {**os.environ, "GLIBC_TUNABLES": MALLOC_TUNABLES}
-        os.execve(sys.executable, [sys.executable, "-m", "pytest", *config.invocation_params.args], env)
+    if config.getoption("benchmark_only", default=False) and os.environ.get("VNT_BENCH_MALLOC") != "system":
+        exec_with_malloc_tunables(["pytest", *config.invocation_params.args])
     if config.getoption("benchmark_only", default=False):
         _ENVIRONMENT.update(report.environment())  # the code that runs, not what the tree holds when it ends
 

@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 from pathlib import Path
+
+from bench import exec_with_malloc_tunables
 
 OUT = Path(__file__).parents[1] / "results" / "bench"
 
@@ -42,11 +43,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.rounds < 1 or args.n < 1 or args.batch < 1:
         p.error("--rounds, --n and --batch must be positive")
-    if "GLIBC_TUNABLES" not in os.environ:
-        from vnt.malloc import MALLOC_TUNABLES
-        argv = sys.argv[1:] if argv is None else argv
-        os.execve(sys.executable, [sys.executable, "-m", "bench.profile_step", *argv],
-                  {**os.environ, "GLIBC_TUNABLES": MALLOC_TUNABLES})
+    exec_with_malloc_tunables(["bench.profile_step", *(sys.argv[1:] if argv is None else argv)])
 
     import torch
     from torch.profiler import ProfilerActivity, profile

@@ -7,13 +7,18 @@ BACKENDS = ["math", "sdpa", "l2", "l2_math"]
 FUSION = {"fusion_off": None, "fusion_on": 8}
 
 
-def small_model(backend, dim_feat=None, dtype=torch.float64, **kw):
-    """backend "l2_fused": l2 on the fused kernels at every size (a budget of 0 written-out scores;
-    within the default budget, l2 on a CPU runs written out with tied keys)."""
+def backend_kw(backend) -> dict:
+    """VNTransformer options for a test backend name: a backend, or "l2_fused", l2 on the fused kernels
+    at every size (a budget of 0 written-out scores; within the default budget, l2 on a CPU runs
+    written out with tied keys)."""
     if backend == "l2_fused":
-        backend, kw = "l2", {"l2_written_out_max_scores": 0, **kw}
-    kw = {"dim": 16, "depth": 2, "dim_head": 8, "heads": 2, **kw}
-    return VNTransformer(dim_feat=dim_feat, attn_backend=backend, **kw).to(dtype)
+        return {"attn_backend": "l2", "l2_written_out_max_scores": 0}
+    return {"attn_backend": backend}
+
+
+def small_model(backend, dim_feat=None, dtype=torch.float64, **kw):
+    kw = {"dim": 16, "depth": 2, "dim_head": 8, "heads": 2, **backend_kw(backend), **kw}
+    return VNTransformer(dim_feat=dim_feat, **kw).to(dtype)
 
 
 def block_cfg(dim, **kw) -> VNTransformerConfig:

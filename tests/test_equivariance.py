@@ -3,7 +3,7 @@ attention form, in float64 and float32; the rounding floor; the epsilon bias; ro
 import pytest
 import torch
 
-from models import BACKENDS, FUSION, inputs, small_model
+from models import BACKENDS, FUSION, backend_kw, inputs, small_model
 from vnt import PAPER_NORMS, VNTransformer, equivariance_error, rounding_floor
 from vnt.equivariance import DTYPE_TOLERANCES
 from vnt.rotations import euler_rotation, random_rotations, rot
@@ -74,10 +74,8 @@ DEEP = dict(dim=32, depth=4, dim_head=16, heads=4)  # the float32 check of issue
 
 
 def deep_case(backend, fusion, fold=None):
-    """backend "l2_fused": l2 on the fused kernels (at this size l2 on a CPU runs written out)."""
-    extra = {"l2_written_out_max_scores": 0} if backend == "l2_fused" else {}
-    backend = "l2" if backend == "l2_fused" else backend
-    model = VNTransformer(**DEEP, dim_feat=fusion, attn_backend=backend, attn_fold=fold, **extra)
+    """backend: a backend or "l2_fused" (models.backend_kw; at this size l2 on a CPU runs written out)."""
+    model = VNTransformer(**DEEP, dim_feat=fusion, attn_fold=fold, **backend_kw(backend))
     coors = torch.randn(2, 256, 3)
     feats = torch.randn(2, 256, fusion) if fusion else None
     return model, coors, feats

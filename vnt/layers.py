@@ -349,35 +349,28 @@ class VNAttention(nn.Module):
                 u = torch.einsum("h e, h e d -> h d", b_q, w_k)
                 key_bias = rearrange(x.sum(dim=-2) @ u.transpose(0, 1), "b n h -> b h n")
             out_bias = torch.einsum("h e, h e d -> d", b_v, w_o) + out_bias
-        kv = rearrange(x, "b n c d -> b 1 n (c d)")
-        if tied:  # every head's query map in one GEMM, heads outer for the kernel; keys are the queries
-            q = rearrange(x, "b n c d -> (b n c) d") @ rearrange(w_q, "h e d -> d (h e)")
-            q = rearrange(q, "(b n c) (h e) -> b h n (c e)", b=b, c=c, h=h).contiguous()
-            out = self.attend(q, q, kv, mask=mask, scale=(c * self.dim_head) ** -0.5)
-            return self._map_out(out, vo_map, out_bias, c=c, r=0)
-        if self.tied_qk:  # L2 attention: |q_j|^2 = sum_c x_jc qk_map x_jc = <qk_map, x_j^T x_j>, per head
-            gram = torch.matmul(x.transpose(-1, -2), x)               # (b, n, d, d)
-            k_sq = rearrange(F.linear(rearrange(gram, "b n d e -> b n (d e)"),
-                                      rearrange(qk_map, "h d e -> h (d e)")), "b n h -> b h n")
-        # r extra coordinate rows (zero in x, hence zero in q) leave Attend room for its augmentation
-        # slots, so q is not copied; (c + r) d a multiple of 8 for the fused kernels
-        slots = self.attend.augment_slots(heads=h, key_term=key_bias is not None)
-        r = next(r for r in range(1, slots + 9) if r * d >= slots and (c + r) * d % 8 == 0) if slots else 0
+        if tied:  # q = Wq x, and the keys are the queries
+            q_map, r = rearrange(w_q, "h e d -> d (h e)"), 0
+        else:
+            if self.tied_qk:  # L2 attention: |q_j|^2 = sum_c x_jc qk_map x_jc = <qk_map, x_j^T x_j>, per head
+                gram = torch.matmul(x.transpose(-1, -2), x)               # (b, n, d, d)
+                k_sq = rearrange(F.linear(rearrange(gram, "b n d e -> b n (d e)"),
+                                          rearrange(qk_map, "h d e -> h (d e)")), "b n h -> b h n")
+            # r extra coordinate rows (zero in x, hence zero in q) leave Attend room for its augmentation
+            # slots, so q is not copied; (c + r) d a multiple of 8 for the fused kernels
+            slots = self.attend.augment_slots(heads=h, key_term=key_bias is not None)
+            r = next(r for r in range(1, slots + 9) if r * d >= slots and (c + r) * d % 8 == 0) if slots else 0
+            q_map = rearrange(qk_map, "h d e -> d (h e)")
         # every head's map in one GEMM (one x, all heads' columns), then heads outer for the kernel: a
         # broadcast batched matmul would copy x per head and run h thin GEMMs instead
         x_rows = rearrange(F.pad(x, (0, 0, 0, r)) if r else x, "b n c d -> (b n c) d")
-        q = x_rows @ rearrange(qk_map, "h d e -> d (h e)")
-        q = rearrange(q, "(b n c) (h e) -> b h n (c e)", b=b, c=c + r, h=h).contiguous()  # (b, h, n, (c d))
-        out = self.attend(q, kv, kv, mask=mask, scale=(c * self.dim_head) ** -0.5, key_bias=key_bias, k_sq=k_sq,
-                          q_spare=r * d)                            # (b, h, n, (c + r) d): r spare rows
-        return self._map_out(out, vo_map, out_bias, c=c, r=r)
-
-    @staticmethod
-    def _map_out(out: Tensor, vo_map: Tensor, out_bias: Tensor | None, *, c: int, r: int) -> Tensor:
-        """(b, h, n, (c + r) d) attention outputs -> (b, n, c, d): the output maps of all heads, summed
-        over heads, as one GEMM over (head, channel) columns; the r spare rows dropped."""
+        q = rearrange(x_rows @ q_map, "(b n c) (h e) -> b h n (c e)", b=b, c=c + r, h=h).contiguous()
+        kv = rearrange(x, "b n c d -> b 1 n (c d)")
+        out = self.attend(q, q if tied else kv, kv, mask=mask, scale=(c * self.dim_head) ** -0.5, key_bias=key_bias,
+                          k_sq=k_sq, q_spare=r * d)                 # (b, h, n, (c + r) d): r spare rows
+        # the output maps of all heads, summed over heads, as one GEMM over (head, channel) columns
         out = rearrange(out, "b h n (c d) -> b n c (h d)", c=c + r).contiguous() @ rearrange(vo_map, "h d e -> (h d) e")
-        out = out[:, :, :c] if r else out
+        out = out[:, :, :c]
         return out if out_bias is None else out + out_bias
 
 
