@@ -4,7 +4,11 @@ capped (RLIMIT_AS) at its size then plus the limit, so an allocation that would 
 the limit fails there as out-of-memory. The quadratic attention matrix of the written-out `math`
 path runs out where the SDPA kernels (sdpa, l2) train on.
 
-    python -m bench.long_sequences [--limit-gib 1] [--lengths 1024,2048,4096]
+    python -m bench.long_sequences [--limit-gib 1] [--lengths 1024,2048,4096] [--config small|attention]
+
+--config small (default): dim 32, depth 2, 4 heads x 16, dim_feat 16 (bench.cases.SMALL);
+--config attention: dim 8, depth 1, 8 heads x 4, no fusion (bench.cases.ATTN_MEMORY), a model whose
+step memory is its attention, so the backends part by a wide margin even at small n.
 
 writes results/bench/long_sequences.{csv,md,meta.json}.
 """
@@ -18,7 +22,9 @@ import sys
 import time
 from pathlib import Path
 
-from bench.cases import BACKENDS, SMALL, Case
+from bench.cases import ATTN_MEMORY, BACKENDS, SMALL, Case
+
+CONFIGS = {"small": SMALL, "attention": ATTN_MEMORY}
 
 OUT = Path(__file__).parents[1] / "results" / "bench"
 
@@ -56,16 +62,17 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--limit-gib", type=float, default=1.0, help="address space the step may add (GiB)")
     p.add_argument("--lengths", default="1024,2048,4096")
+    p.add_argument("--config", default="small", choices=tuple(CONFIGS), help="model sizes (see above)")
     p.add_argument("--out", default=str(OUT))
     args = p.parse_args(argv)
     import pandas as pd
 
-    from bench.report import environment
+    from bench.report import _config, environment
     env = environment()
     rows = []
     for n in map(int, args.lengths.split(",")):
         for backend in BACKENDS:
-            case = Case(backend=backend, n=n, group="long", **SMALL)
+            case = Case(backend=backend, n=n, group="long", **CONFIGS[args.config])
             code = ("import sys; from bench.long_sequences import _one_step; "
                     "_one_step(sys.argv[1], int(sys.argv[2]))")
             proc = subprocess.run([sys.executable, "-c", code, json.dumps(case.to_dict()),
@@ -87,8 +94,7 @@ def main(argv=None) -> int:
     ok = df[df["status"] == "ok"]
     time_ = ok.pivot_table(index="n", columns="backend", values="fwd_bwd_s") if len(ok) else pd.DataFrame()
     lines = [f"# Long sequences under a {args.limit_gib:g} GiB address-space limit", "",
-             f"One forward+backward per case (dim {SMALL['dim']}, depth 2, {SMALL['heads']} heads x "
-             f"{SMALL['dim_head']}, dim_feat {SMALL['dim_feat']}, batch 1, float32) in a fresh process: model and inputs "
+             f"One forward+backward per case ({_config(rows[0])}, float32) in a fresh process: model and inputs "
              "built, then `RLIMIT_AS` set to the address space then plus the limit, then one cold timed step. "
              "`oom`: an allocation failed under the limit.", "",
              *[f"- {k}: {v}" for k, v in meta.items()], "", "## Status", "", table.to_markdown(), "",
