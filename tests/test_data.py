@@ -146,6 +146,19 @@ def test_stream_resumes_at_a_position_on_any_world_size():
         assert (a["coords"] == b["coords"]).all()
 
 
+def test_readme_export_and_summary_commands_as_written(embedded, cache_dir, tmp_path):
+    """README: `python -m vnt.data export --source embedded --format sidechainnet --out embedded.pkl` and
+    `python -m vnt.data summary --source embedded --json`, as written (the cache from VNT_CACHE_DIR)."""
+    env = {**os.environ, "VNT_CACHE_DIR": str(cache_dir)}
+    subprocess.run([sys.executable, "-m", "vnt.data", "export", "--source", "embedded", "--format", "sidechainnet",
+                    "--out", "embedded.pkl"], cwd=tmp_path, env=env, capture_output=True, text=True, check=True)
+    again = load_proteins(DataConfig(source="scn-pickle", path=str(tmp_path / "embedded.pkl")), progress=False)
+    assert sorted(ex.name for ex in again.examples) == sorted(ex.name for ex in embedded.examples)
+    out = subprocess.run([sys.executable, "-m", "vnt.data", "summary", "--source", "embedded", "--json"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout)["examples"] == len(embedded.examples)
+
+
 def test_sidechainnet_export_round_trips_through_sidechainnet_load(embedded, tmp_path):
     import sidechainnet as scn
     path = tmp_path / "embedded_scn.pkl"

@@ -89,6 +89,22 @@ def test_readme_real_release_command_offline_is_one_usage_line(tmp_path, dry):
     assert "Traceback" not in err
 
 
+def test_readme_scn_pickle_command(tmp_path, dry, embedded):
+    """README: `bash launch/train.sh --data-source scn-pickle --data-path /data/sidechainnet_casp12_30.pkl`,
+    as written: without that file, one usage line names it and what the file must hold; with a
+    SidechainNet pickle there (the embedded set exported), the option check loads it and launches."""
+    from vnt.data import export_sidechainnet
+    code, cmd, err = dry("--data-source", "scn-pickle", "--data-path", "/data/sidechainnet_casp12_30.pkl")
+    assert code == 2 and cmd == [] and "Traceback" not in err
+    line, = [ln for ln in err.splitlines() if "error:" in ln]
+    assert "data path /data/sidechainnet_casp12_30.pkl: no such file; expected a SidechainNet pickle" in line
+    path = tmp_path / "sidechainnet_casp12_30.pkl"
+    export_sidechainnet(embedded, path)
+    code, cmd, err = dry("--data-source", "scn-pickle", "--data-path", path)
+    assert code == 0, err
+    assert cmd[0] == "deepspeed" and cmd[-4:] == ["--data-source", "scn-pickle", "--data-path", str(path)]
+
+
 def test_without_gpus_two_cpu_processes(tmp_path, dry):
     code, cmd, err = dry(CUDA_VISIBLE_DEVICES=None)
     assert code == 0, err
