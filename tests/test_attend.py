@@ -165,3 +165,24 @@ def test_tied_l2_written_out_under_bf16_autocast_with_float32_queries():
     ref_grad, = torch.autograd.grad(ref.square().sum(), q)
     assert out.dtype == torch.bfloat16 and grad.dtype == torch.float32
     assert (grad - ref_grad).abs().max() <= 0.05 * ref_grad.abs().max()  # bfloat16 has 8 significant bits
+
+
+@pytest.mark.parametrize("backend", [*BACKENDS, "l2_fused"])
+def test_sum_heads_is_the_sum_of_the_heads_outputs(backend):
+    """sum_heads=True (values per head, already mapped to the output) returns sum_h attn_h v_h: on the
+    written-out paths one GEMM over (head, key) pairs, on SDPA the heads' outputs summed; gradients too.
+    The L2 backends get tied keys (k is q): l2 and l2_math take the tied written-out path."""
+    q, k, v, mask = qkv()
+    kw = {"backend": "l2", "l2_written_out_max_scores": 0} if backend == "l2_fused" else {"backend": backend}
+    results = []
+    for sum_heads in (True, False):
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        keys = leaves[0] if backend.startswith("l2") else leaves[1]
+        out = Attend(**kw)(leaves[0], keys, leaves[2], mask=mask, scale=0.3, sum_heads=sum_heads)
+        out = out if sum_heads else out.sum(dim=1)
+        results.append((out, *torch.autograd.grad(out.square().sum(), [leaves[0], leaves[2]])))
+    assert results[0][0].shape == (2, 10, 16)
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="values per head"):
+        Attend(**kw)(q, k, v[:, :1], sum_heads=True)

@@ -222,3 +222,24 @@ def test_encoder_checks_the_coordinate_axis():
     assert enc(torch.randn(2, 6, 5, 8)).shape == (2, 6, 5, 8)
     with pytest.raises(ValueError, match=r"\(batch, points, 5, 8\)"):
         enc(torch.randn(2, 6, 3, 8))
+
+
+def test_head_linear_writes_every_heads_map_head_major_with_its_gradients():
+    """head_linear(x, w)[b, h] = x[b] @ w[h]: values and both gradients (gradcheck, float64); under
+    bf16 autocast it computes in bfloat16 and returns float32 gradients; bad shapes are a ValueError."""
+    x = torch.randn(2, 7, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 5, 4, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(layers.head_linear(x, w), torch.einsum("b m d, h d e -> b h m e", x, w))
+    assert torch.autograd.gradcheck(layers.head_linear, (x, w))
+    xf, wf = x.detach().float().requires_grad_(True), w.detach().float().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layers.head_linear(xf, wf)
+    out.float().square().sum().backward()
+    ref = torch.einsum("b m d, h d e -> b h m e", x, w)
+    gx, gw = torch.autograd.grad(ref.square().sum(), [x, w])
+    assert out.dtype == torch.bfloat16 and xf.grad.dtype == wf.grad.dtype == torch.float32
+    assert (out.double() - ref).abs().max() <= 0.02 * ref.abs().max()
+    assert (xf.grad.double() - gx).abs().max() <= 0.05 * gx.abs().max()
+    assert (wf.grad.double() - gw).abs().max() <= 0.05 * gw.abs().max()
+    with pytest.raises(ValueError, match=r"x \(batch, rows, d\) and weight \(heads, d, e\)"):
+        layers.head_linear(x, w.transpose(1, 2))

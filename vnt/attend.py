@@ -150,7 +150,7 @@ class Attend(nn.Module):
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor | None = None,
                 scale: float | None = None, key_bias: Tensor | None = None, k_sq: Tensor | None = None,
-                q_spare: int = 0) -> Tensor:
+                q_spare: int = 0, sum_heads: bool = False) -> Tensor:
         """q (b h i e); k, v (b h j e'), or (b 1 j e') shared by every head, e' = e - q_spare; mask (b j)
         bool, True = keep. Returns (b h i e_v); when the keys are the values (``v is k``, VNAttention's
         folded form) and q has spare features, (b h i e): the last q_spare output features are then
@@ -162,14 +162,21 @@ class Attend(nn.Module):
         projections); by default they are computed from k. Tied keys (``k is q``, L2 backends) that run
         written out (``tied_written_out``) take |q_j|^2 from the scores' diagonal instead. q_spare: the last q_spare features of q are
         zero (the caller reserved them for the augmentation slots); they may be overwritten.
+
+        sum_heads: v holds every head's values already mapped to the output (b h j e_v), and the
+        result is the sum over heads (b i e_v). Written out, that is one GEMM per sample over (head,
+        key) pairs, K = h j, with no head-major output to copy; the SDPA paths sum their outputs.
         """
         width = q.shape[-1] - q_spare
         scale = width ** -0.5 if scale is None else scale
         l2 = self.backend in ("l2", "l2_math")
         m = 2.0 if l2 else 1.0
         b, h, i, _ = q.shape
+        if sum_heads and v.shape[1] != h:
+            raise ValueError(f"sum_heads=True needs values per head (batch, {h}, keys, features), got {tuple(v.shape)}")
         if l2 and k is q and not q_spare and self.tied_written_out(scores=b * h * i * i, device=q.device):
-            return self._written_out(q, q, v, mask=mask, scale=scale, m=m, key_term=key_bias, tied=True)
+            return self._written_out(q, q, v, mask=mask, scale=scale, m=m, key_term=key_bias, tied=True,
+                                     sum_heads=sum_heads)
         term = key_bias
         if l2:
             k_sq = k.pow(2).sum(-1) if k_sq is None else k_sq
@@ -179,10 +186,12 @@ class Attend(nn.Module):
         else:
             q_core = q
         if self.backend in ("math", "l2_math"):
-            return self._written_out(q_core, k, v, mask=mask, scale=scale, m=m, key_term=term)
+            return self._written_out(q_core, k, v, mask=mask, scale=scale, m=m, key_term=term, sum_heads=sum_heads)
         if term is None:
-            return self._dot_product(q_core, k, v, mask=mask, scale=scale)
-        return self._augmented(q, k, v, mask=mask, scale=scale, m=m, key_term=term, q_spare=q_spare)
+            out = self._dot_product(q_core, k, v, mask=mask, scale=scale)
+        else:
+            out = self._augmented(q, k, v, mask=mask, scale=scale, m=m, key_term=term, q_spare=q_spare)
+        return out.sum(dim=1) if sum_heads else out
 
     def _augmented(self, q: Tensor, k: Tensor, v: Tensor, *, mask, scale: float, m: float, key_term: Tensor,
                    q_spare: int) -> Tensor:
@@ -217,9 +226,10 @@ class Attend(nn.Module):
         return out.view(b, h, i, v.shape[-1]) if shared else out
 
     def _written_out(self, q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor | None, scale: float, m: float = 1.0,
-                     key_term: Tensor | None = None, tied: bool = False) -> Tensor:
+                     key_term: Tensor | None = None, tied: bool = False, sum_heads: bool = False) -> Tensor:
         """softmax(scale (m q.k + key_term_j)) v, key_term (b h j) or (b 1 j), written out. tied (k is q,
-        L2): the scores are q q^T (one-GEMM backward) and -|k_j|^2 is added from its diagonal."""
+        L2): the scores are q q^T (one-GEMM backward) and -|k_j|^2 is added from its diagonal.
+        sum_heads: sum_h attn_h v_h (b i e_v), as attn (b i (h j)) @ v (b (h j) e_v)."""
         self.last_kernel = "einsum"
         b, h, i, _ = q.shape
         j = k.shape[-2]
@@ -238,8 +248,11 @@ class Attend(nn.Module):
         mask = _key_mask(mask)
         if mask is not None:
             sim = sim.masked_fill(~mask, torch.finfo(sim.dtype).min)
+        attn = sim.softmax(dim=-1).to(v.dtype)
+        if sum_heads:  # the attention map is small (b h i j): its copy to (b i (h j)) costs little
+            return torch.matmul(rearrange(attn, "b h i j -> b i (h j)"), rearrange(v, "b h j e -> b (h j) e"))
         values_as = rows if v.shape[1] == 1 and h > 1 else "b h i e -> b h i e"
-        attn = rearrange(sim.softmax(dim=-1).to(v.dtype), values_as)
+        attn = rearrange(attn, values_as)
         return torch.matmul(attn, v).view(b, h, i, v.shape[-1])
 
     def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor | None, scale: float) -> Tensor:

@@ -84,6 +84,55 @@ class VNLinear(nn.Module):
         return tuple(F.linear(x, w, b) for w, b in zip(weights, biases))
 
 
+class _HeadLinear(torch.autograd.Function):
+    """x (b, m, d) @ w (h, d, e) -> (b, h, m, e): every head's map of the same x, written head-major.
+
+    One GEMM x @ [w_1 | ... | w_h] writes (b, m, h, e), and attention then needs a copy to (b, h, m, e)
+    (and its backward another one back): per head, per sample GEMMs write the head-major layout
+    directly, and the backward reads it in place, dx = sum_h g_h w_h^T (accumulated GEMMs) and
+    dw_h = sum_b x_b^T g_bh. Under autocast the GEMMs run in the autocast dtype, as F.linear's would."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor) -> Tensor:
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        xc, wc = x.to(dtype), w.to(dtype)
+        ctx.save_for_backward(xc, wc)
+        ctx.dtypes = (x.dtype, w.dtype)
+        b, m, _ = x.shape
+        out = x.new_empty((b, w.shape[0], m, w.shape[-1]), dtype=dtype)
+        for i in range(b):  # the heads share x_i: a stride-0 batch, no copy
+            torch.bmm(xc[i].expand(w.shape[0], -1, -1), wc, out=out[i])
+        return out
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        xc, wc = ctx.saved_tensors
+        g = g.to(xc.dtype)
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dx = xc.new_empty(xc.shape)
+            wt = wc.transpose(-1, -2)
+            for i in range(g.shape[0]):
+                torch.mm(g[i, 0], wt[0], out=dx[i])
+                for j in range(1, g.shape[1]):
+                    torch.addmm(dx[i], g[i, j], wt[j], out=dx[i])
+            dx = dx.to(ctx.dtypes[0])
+        if ctx.needs_input_grad[1]:
+            dw = wc.new_zeros(wc.shape)
+            for i in range(g.shape[0]):
+                torch.baddbmm(dw, xc[i].transpose(0, 1).expand(wc.shape[0], -1, -1), g[i], out=dw)
+            dw = dw.to(ctx.dtypes[1])
+        return dx, dw
+
+
+def head_linear(x: Tensor, weight: Tensor) -> Tensor:
+    """(b, m, d) x (h, d, e) -> (b, h, m, e), head-major without a layout copy (see _HeadLinear)."""
+    if x.ndim != 3 or weight.ndim != 3 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"head_linear expects x (batch, rows, d) and weight (heads, d, e) with the same d, "
+                         f"got {tuple(x.shape)} and {tuple(weight.shape)}")
+    return _HeadLinear.apply(x.contiguous(), weight)
+
+
 class VNReLU(nn.Module):
     """Vector Neuron (leaky) ReLU on (..., c, d).
 
@@ -349,24 +398,28 @@ class VNAttention(nn.Module):
                 u = torch.einsum("h e, h e d -> h d", b_q, w_k)
                 key_bias = rearrange(x.sum(dim=-2) @ u.transpose(0, 1), "b n h -> b h n")
             out_bias = torch.einsum("h e, h e d -> d", b_v, w_o) + out_bias
-        if tied:  # q = Wq x, and the keys are the queries
-            q_map, r = rearrange(w_q, "h e d -> d (h e)"), 0
-        else:
-            if self.tied_qk:  # L2 attention: |q_j|^2 = sum_c x_jc qk_map x_jc = <qk_map, x_j^T x_j>, per head
-                gram = torch.matmul(x.transpose(-1, -2), x)               # (b, n, d, d)
-                k_sq = rearrange(F.linear(rearrange(gram, "b n d e -> b n (d e)"),
-                                          rearrange(qk_map, "h d e -> h (d e)")), "b n h -> b h n")
-            # r extra coordinate rows (zero in x, hence zero in q) leave Attend room for its augmentation
-            # slots, so q is not copied; (c + r) d a multiple of 8 for the fused kernels
-            slots = self.attend.augment_slots(heads=h, key_term=key_bias is not None)
-            r = next(r for r in range(1, slots + 9) if r * d >= slots and (c + r) * d % 8 == 0) if slots else 0
-            q_map = rearrange(qk_map, "h d e -> d (h e)")
+        if tied:  # q = Wq x (the keys are the queries) and y = Wo Wv x per head, both written head-major;
+            # Attend sums the heads' attention over y in one GEMM over (head, key): no layout copies
+            xs = rearrange(x, "b n c d -> b (n c) d")
+            q = head_linear(xs, w_q.transpose(-1, -2)).view(b, h, n, c * self.dim_head)
+            y = head_linear(xs, vo_map).view(b, h, n, c * d)
+            out = self.attend(q, q, y, mask=mask, scale=(c * self.dim_head) ** -0.5, sum_heads=True).view(b, n, c, d)
+            return out if out_bias is None else out + out_bias
+        if self.tied_qk:  # L2 attention: |q_j|^2 = sum_c x_jc qk_map x_jc = <qk_map, x_j^T x_j>, per head
+            gram = torch.matmul(x.transpose(-1, -2), x)               # (b, n, d, d)
+            k_sq = rearrange(F.linear(rearrange(gram, "b n d e -> b n (d e)"),
+                                      rearrange(qk_map, "h d e -> h (d e)")), "b n h -> b h n")
+        # r extra coordinate rows (zero in x, hence zero in q) leave Attend room for its augmentation
+        # slots, so q is not copied; (c + r) d a multiple of 8 for the fused kernels
+        slots = self.attend.augment_slots(heads=h, key_term=key_bias is not None)
+        r = next(r for r in range(1, slots + 9) if r * d >= slots and (c + r) * d % 8 == 0) if slots else 0
+        q_map = rearrange(qk_map, "h d e -> d (h e)")
         # every head's map in one GEMM (one x, all heads' columns), then heads outer for the kernel: a
         # broadcast batched matmul would copy x per head and run h thin GEMMs instead
         x_rows = rearrange(F.pad(x, (0, 0, 0, r)) if r else x, "b n c d -> (b n c) d")
         q = rearrange(x_rows @ q_map, "(b n c) (h e) -> b h n (c e)", b=b, c=c + r, h=h).contiguous()
         kv = rearrange(x, "b n c d -> b 1 n (c d)")
-        out = self.attend(q, q if tied else kv, kv, mask=mask, scale=(c * self.dim_head) ** -0.5, key_bias=key_bias,
+        out = self.attend(q, kv, kv, mask=mask, scale=(c * self.dim_head) ** -0.5, key_bias=key_bias,
                           k_sq=k_sq, q_spare=r * d)                 # (b, h, n, (c + r) d): r spare rows
         # the output maps of all heads, summed over heads, as one GEMM over (head, channel) columns
         out = rearrange(out, "b h n (c d) -> b n c (h d)", c=c + r).contiguous() @ rearrange(vo_map, "h d e -> (h d) e")
