@@ -109,18 +109,18 @@ class _HeadLinear(torch.autograd.Function):
         xc, wc = ctx.saved_tensors
         g = g.to(xc.dtype)
         dx = dw = None
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0]:  # dx = sum_h g_h w_h^T, one batched GEMM over samples per head, accumulated
             dx = xc.new_empty(xc.shape)
-            wt = wc.transpose(-1, -2)
-            for i in range(g.shape[0]):
-                torch.mm(g[i, 0], wt[0], out=dx[i])
-                for j in range(1, g.shape[1]):
-                    torch.addmm(dx[i], g[i, j], wt[j], out=dx[i])
+            g_heads = g.unbind(1)
+            w_t = [w_h.expand(g.shape[0], -1, -1) for w_h in wc.transpose(-1, -2).unbind(0)]
+            torch.bmm(g_heads[0], w_t[0], out=dx)
+            for g_h, w_h in zip(g_heads[1:], w_t[1:]):
+                torch.baddbmm(dx, g_h, w_h, out=dx)
             dx = dx.to(ctx.dtypes[0])
-        if ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[1]:  # dw_h = sum_i x_i^T g_ih, every head in one batched GEMM per sample
             dw = wc.new_zeros(wc.shape)
-            for i in range(g.shape[0]):
-                torch.baddbmm(dw, xc[i].transpose(0, 1).expand(wc.shape[0], -1, -1), g[i], out=dw)
+            for x_i, g_i in zip(xc.unbind(0), g.unbind(0)):
+                torch.baddbmm(dw, x_i.transpose(0, 1).expand(wc.shape[0], -1, -1), g_i, out=dw)
             dw = dw.to(ctx.dtypes[1])
         return dx, dw
 
