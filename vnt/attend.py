@@ -24,6 +24,9 @@ Tied L2 attention (the keys are the queries, ``k is q``: VNAttention's L2 self a
 out on a CPU while its scores (b h i j) number at most ``l2_written_out_max_scores``: there the score
 matrix is q q^T, whose backward is one GEMM, (g + g^T) q, where every fused kernel runs two (dq and
 dk), and |q_j|^2 is its diagonal. Beyond the budget the SDPA kernels run (memory O(n), not O(n^2)).
+On that path VNAttention passes values already mapped to the output per head (``sum_heads``): the output is
+sum_h attn_h v_h, one GEMM per sample over (head, key) pairs, so no head-major output is written and
+copied back to the channel layout.
 """
 from __future__ import annotations
 

@@ -324,6 +324,11 @@ class VNAttention(nn.Module):
     (c, dim) instead of (c, dim_head) features, hence the ``dim <= dim_head`` condition. For L2
     attention the tied biases cancel in |q_i - q_j|^2. ``cfg.attn_fold=False`` forces the projected
     form (tests compare the two).
+
+    Tied L2 attention written out (``Attend.tied_written_out``, and 2 dim_head < 3 dim) skips the fold
+    of the queries: q = Wq x and y = (Wo Wv) x are written head-major per head (``head_linear``), the
+    scores are q q^T, and Attend sums every head's attention over y in one GEMM (``sum_heads``): no
+    copy between the (c, h d) channel layout and the head-major one, forward or backward.
     """
 
     uses_child_weights = True  # the folded maps and VNLinear.split read to_qkv / to_out weights (see VNFeedForward)
