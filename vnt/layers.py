@@ -90,16 +90,15 @@ class _HeadLinear(torch.autograd.Function):
     One GEMM x @ [w_1 | ... | w_h] writes (b, m, h, e), and attention then needs a copy to (b, h, m, e)
     (and its backward another one back): per head, per sample GEMMs write the head-major layout
     directly, and the backward reads it in place, dx = sum_h g_h w_h^T (accumulated GEMMs) and
-    dw_h = sum_b x_b^T g_bh. Under autocast the GEMMs run in the autocast dtype, as F.linear's would."""
+    dw_h = sum_b x_b^T g_bh. Without autocast (head_linear takes the broadcast matmul under autocast)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, w: Tensor) -> Tensor:
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        xc, wc = x.to(dtype), w.to(dtype)
+        xc, wc = x, w.to(x.dtype)
         ctx.save_for_backward(xc, wc)
         ctx.dtypes = (x.dtype, w.dtype)
         b, m, _ = x.shape
-        out = x.new_empty((b, w.shape[0], m, w.shape[-1]), dtype=dtype)
+        out = x.new_empty((b, w.shape[0], m, w.shape[-1]))
         for i in range(b):  # the heads share x_i: a stride-0 batch, no copy
             torch.bmm(xc[i].expand(w.shape[0], -1, -1), wc, out=out[i])
         return out
@@ -130,6 +129,12 @@ def head_linear(x: Tensor, weight: Tensor) -> Tensor:
     if x.ndim != 3 or weight.ndim != 3 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"head_linear expects x (batch, rows, d) and weight (heads, d, e) with the same d, "
                          f"got {tuple(x.shape)} and {tuple(weight.shape)}")
+    if torch.is_autocast_enabled(x.device.type):
+        # autocast (bf16/fp16): one GEMM over every head's columns on the library's low-precision kernels
+        # (oneDNN/AMX on a CPU), then the head-major copy, which 16-bit storage halves; its backward sums
+        # the heads inside one GEMM, where _HeadLinear's per-head accumulation would round to 16 bits per head
+        out = x @ rearrange(weight, "h d e -> d (h e)")
+        return rearrange(out, "b m (h e) -> b h m e", h=weight.shape[0]).contiguous()
     return _HeadLinear.apply(x.contiguous(), weight)
 
 
