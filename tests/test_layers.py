@@ -226,8 +226,8 @@ def test_encoder_checks_the_coordinate_axis():
 
 def test_head_linear_writes_every_heads_map_head_major_with_its_gradients():
     """head_linear(x, w)[b, h] = x[b] @ w[h]: values and both gradients (gradcheck, float64); under
-    bf16 autocast it computes in bfloat16 (the broadcast matmul) and returns float32 gradients; bad shapes are
-    a ValueError."""
+    bf16 autocast it computes in bfloat16 (one GEMM over every head's columns, then the head-major copy)
+    and returns float32 gradients; bad shapes are a ValueError."""
     x = torch.randn(2, 7, 5, dtype=torch.float64, requires_grad=True)
     w = torch.randn(3, 5, 4, dtype=torch.float64, requires_grad=True)
     torch.testing.assert_close(layers.head_linear(x, w), torch.einsum("b m d, h d e -> b h m e", x, w))

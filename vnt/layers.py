@@ -94,33 +94,31 @@ class _HeadLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, w: Tensor) -> Tensor:
-        xc, wc = x, w.to(x.dtype)
-        ctx.save_for_backward(xc, wc)
-        ctx.dtypes = (x.dtype, w.dtype)
+        ctx.w_dtype = w.dtype
+        w = w.to(x.dtype)
+        ctx.save_for_backward(x, w)
         b, m, _ = x.shape
         out = x.new_empty((b, w.shape[0], m, w.shape[-1]))
         for i in range(b):  # the heads share x_i: a stride-0 batch, no copy
-            torch.bmm(xc[i].expand(w.shape[0], -1, -1), wc, out=out[i])
+            torch.bmm(x[i].expand(w.shape[0], -1, -1), w, out=out[i])
         return out
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        xc, wc = ctx.saved_tensors
-        g = g.to(xc.dtype)
+        x, w = ctx.saved_tensors
         dx = dw = None
         if ctx.needs_input_grad[0]:  # dx = sum_h g_h w_h^T, one batched GEMM over samples per head, accumulated
-            dx = xc.new_empty(xc.shape)
+            dx = x.new_empty(x.shape)
             g_heads = g.unbind(1)
-            w_t = [w_h.expand(g.shape[0], -1, -1) for w_h in wc.transpose(-1, -2).unbind(0)]
+            w_t = [w_h.expand(g.shape[0], -1, -1) for w_h in w.transpose(-1, -2).unbind(0)]
             torch.bmm(g_heads[0], w_t[0], out=dx)
             for g_h, w_h in zip(g_heads[1:], w_t[1:]):
                 torch.baddbmm(dx, g_h, w_h, out=dx)
-            dx = dx.to(ctx.dtypes[0])
         if ctx.needs_input_grad[1]:  # dw_h = sum_i x_i^T g_ih, every head in one batched GEMM per sample
-            dw = wc.new_zeros(wc.shape)
-            for x_i, g_i in zip(xc.unbind(0), g.unbind(0)):
-                torch.baddbmm(dw, x_i.transpose(0, 1).expand(wc.shape[0], -1, -1), g_i, out=dw)
-            dw = dw.to(ctx.dtypes[1])
+            dw = w.new_zeros(w.shape)
+            for x_i, g_i in zip(x.unbind(0), g.unbind(0)):
+                torch.baddbmm(dw, x_i.transpose(0, 1).expand(w.shape[0], -1, -1), g_i, out=dw)
+            dw = dw.to(ctx.w_dtype)
         return dx, dw
 
 
