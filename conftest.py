@@ -3,10 +3,10 @@ any other conftest: `pytest --benchmark-only --bench-profile full` works without
 
 PROFILE_HELP = ("quick (~20 min on 2 CPU cores), full (long sequences, more rounds), train (the training league, "
                 "~25 min), quality (vnt against En-Transformer at an equal time budget, ~30 min), tiny (a tiny row of "
-                "every kind: the harness's own test)")
+                "every kind: the harness's own test), cuda (the GPU rows alone, on a CUDA machine: results/bench-cuda)")
 
 
 def pytest_addoption(parser):
-    parser.addoption("--bench-profile", default="quick", choices=("quick", "full", "train", "quality", "tiny"),
+    parser.addoption("--bench-profile", default="quick", choices=("quick", "full", "train", "quality", "tiny", "cuda"),
                      help=PROFILE_HELP)
     parser.addoption("--bench-out", default=None, help="report folder (default results/bench, or results/bench-cuda)")

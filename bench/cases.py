@@ -98,8 +98,29 @@ def full_cases() -> list[Case]:
 
 
 def cuda_cases() -> list[Case]:
-    """Sizes that fill a GPU."""
-    cases = [Case(backend=b, dtype=d, group="grid", **{**README, "batch": 8, "n": 512, "bias_epsilon": e})
+    """The `cuda` profile (``pytest --benchmark-only --bench-profile cuda`` on a GPU machine), sizes that
+    fill a GPU first, then the CPU profile's README rows at the same sizes for comparison.
+
+    grid:        every backend x epsilon x dtype at the README model with batch 8, n = 512
+    length:      float32 length sweep per backend at the small config, batch 4, to 8192 points
+    readme:      the original's README example (eps 1e-6) and the same at eps 0, vnt and the original
+    bf16:        the README example under bfloat16 autocast, every backend
+    compile:     the grid size (eps 1e-6, float32) under torch.compile, every backend (last: slowest)
+    """
+    cases = gpu_sized_cases()
+    cases += [Case(backend=b, impl=impl, group=group, **config) for group, config in
+              (("readme", README), ("readme_eps0", README_EPS0)) for impl in ("vnt", "original") for b in BACKENDS]
+    cases += [Case(backend=b, group="bf16", dtype="bfloat16", **README) for b in BACKENDS]
+    cases += [Case(backend=b, group="compile", compile=True, **GPU_GRID) for b in BACKENDS]
+    return cases
+
+
+GPU_GRID = {**README, "batch": 8, "n": 512}
+
+
+def gpu_sized_cases() -> list[Case]:
+    """The grid and length rows of the cuda profile; the quick and full profiles run them first on a GPU."""
+    cases = [Case(backend=b, dtype=d, group="grid", **{**GPU_GRID, "bias_epsilon": e})
              for b in BACKENDS for e in EPSILONS for d in DTYPES]
     cases += [Case(backend=b, n=n, dtype="float32", group="length", **{**SMALL, "batch": 4}) for b in BACKENDS
               for n in (1024, 4096, 8192)]

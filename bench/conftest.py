@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from bench import exec_with_malloc_tunables, report
-from bench.cases import PAIRED, PAIRED_TINY, README, TINY, cuda_cases, full_cases, quick_cases, tiny_cases
+from bench.cases import (PAIRED, PAIRED_TINY, README, TINY, cuda_cases, full_cases, gpu_sized_cases, quick_cases,
+                         tiny_cases)
 from bench.train_cases import quality_cases, tiny_train_cases, train_cases
 
 ROWS: list[dict] = []
@@ -24,11 +25,13 @@ ROWS: list[dict] = []
 # long_rounds: the paired n = 512 rows, where one step of the original takes 5-20 s on 2 CPU cores.
 # train: the training league (bench/train_cases.py) alone, reported in results/train-bench.
 # tiny: one tiny row of every kind, what tests/test_bench.py runs to check the harness.
+# cuda: the GPU rows alone (bench.cases.cuda_cases), on a CUDA machine; without one every row is skipped.
 PROFILES = {"quick": dict(rounds=3, warmup=1, readme_rounds=7, long_rounds=3),
             "full": dict(rounds=10, warmup=3, readme_rounds=15, long_rounds=7),
             "train": dict(rounds=1, warmup=0, readme_rounds=1, long_rounds=1),
             "quality": dict(rounds=1, warmup=0, readme_rounds=1, long_rounds=1),
-            "tiny": dict(rounds=2, warmup=1, readme_rounds=2, long_rounds=1)}
+            "tiny": dict(rounds=2, warmup=1, readme_rounds=2, long_rounds=1),
+            "cuda": dict(rounds=10, warmup=3, readme_rounds=15, long_rounds=7)}
 _STARTED = time.time()
 _ENVIRONMENT: dict = {}  # hardware, versions and the git state when the session started (bench.report)
 
@@ -48,10 +51,15 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip)
         return
     profile = config.getoption("bench_profile")
+    if profile == "cuda" and device() != "cuda":
+        skip = pytest.mark.skip(reason="the cuda profile needs a CUDA GPU")
+        for item in items:
+            item.add_marker(skip)
+        return
     for item in items:
         league = "test_train_league" in item.nodeid
         if ((profile in ("train", "quality")) != league and profile != "tiny"
-                or (profile == "tiny" and "test_scaling" in item.nodeid)):
+                or (profile in ("tiny", "cuda") and "test_scaling" in item.nodeid)):
             item.add_marker(pytest.mark.skip(reason=f"not in the {profile} profile"))
 
 
@@ -62,8 +70,9 @@ def device() -> str:
 def pytest_generate_tests(metafunc):
     profile = metafunc.config.getoption("bench_profile")
     if "case" in metafunc.fixturenames:
-        cases = {"full": full_cases, "tiny": tiny_cases}.get(profile, quick_cases)()
-        cases = (cuda_cases() if device() == "cuda" and profile != "tiny" else []) + cases
+        cases = {"full": full_cases, "tiny": tiny_cases, "cuda": cuda_cases}.get(profile, quick_cases)()
+        if device() == "cuda" and profile in ("quick", "full"):
+            cases = gpu_sized_cases() + cases
         metafunc.parametrize("case", cases, ids=[c.id for c in cases])
     if "paired" in metafunc.fixturenames:
         configs = PAIRED_TINY if profile == "tiny" else PAIRED
@@ -82,7 +91,8 @@ def profile(request):
 @pytest.fixture(scope="session")
 def gemm_peaks():
     from bench.measure import gemm_peak_flops
-    return {d: gemm_peak_flops(d, device()) for d in ("float32", "bfloat16")}
+    size = 8192 if device() == "cuda" else 1024  # a GPU needs a large product to reach its rate
+    return {d: gemm_peak_flops(d, device(), size=size) for d in ("float32", "bfloat16")}
 
 
 @pytest.fixture

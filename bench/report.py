@@ -49,6 +49,8 @@ def environment() -> dict:
                                text=True, cwd=Path(__file__).parents[1]).stdout.strip()
     except OSError:
         sha, dirty = "unknown", ""
+    if sha == "unknown" and os.environ.get("VNT_GIT_COMMIT"):  # a copy of the tree without .git (a lent GPU machine)
+        sha = os.environ["VNT_GIT_COMMIT"]
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else (platform.processor() or platform.machine())
     cpu_model = ""
     if Path("/proc/cpuinfo").exists():
@@ -58,7 +60,7 @@ def environment() -> dict:
                 break
     return {"device": device, "cpu": cpu_model, "cpu_flags": " ".join(cpu_flags()), "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
-            "torch": torch.__version__, "deepspeed": ds, "python": platform.python_version(),
+            "torch": torch.__version__, "cuda": torch.version.cuda or "", "deepspeed": ds, "python": platform.python_version(),
             "git_commit": sha + ("+dirty" if dirty else ""), "date": datetime.datetime.now().isoformat(timespec="seconds")}
 
 
