@@ -5,7 +5,7 @@ Protocol: every case is checked against the reference path first (correct before
 reported. Peak memory: on CUDA the caching allocator's peak during one forward+backward; on CPU
 the step runs in a fresh subprocess where glibc returns every freed buffer at once
 (MALLOC_MMAP_THRESHOLD_=0), and a thread samples the resident set every 0.2 ms: the peak growth
-over the post-setup RSS is the step's peak memory.
+over the RSS after setup and one warm-up step is the step's peak memory.
 """
 from __future__ import annotations
 
@@ -205,6 +205,7 @@ def _subprocess_peak(case_json: str) -> None:
     import threading
 
     fb = child_step(case_json)
+    fb()  # a warm-up step: one-time costs (vnt.kernels compiling its fused kernels, lazy imports) stay out
     base = _rss_bytes()
     peak = [base]
     done = threading.Event()

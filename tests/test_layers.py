@@ -1,11 +1,16 @@
 """vnt.layers: the fast channels-last blocks (b, n, c, d): VN-ReLU, layer norm, invariants,
 attention (folded and projected, with and without epsilon bias), initialisation, layout errors."""
+import os
+import subprocess
+import sys
+import warnings
+
 import pytest
 import torch
 from einops import rearrange
-
 from models import BACKENDS, block_cfg, rotate
-from vnt import layers
+
+from vnt import kernels, layers
 from vnt.rotations import random_rotations
 
 
@@ -55,11 +60,16 @@ def test_vn_relu_k_norm_floor_is_exact_above_it_and_continuous_at_zero():
         layers.VNReLU(8, k_norm_floor=1.0)
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "eager"])
 @pytest.mark.parametrize("floor", [0.0, 0.2, 0.9])
 @pytest.mark.parametrize("slope", [0.0, 0.2])
-def test_vn_relu_hand_written_backward_is_autograds(slope, floor):
-    """VNReLU's activation has its own backward (for memory traffic): the same values and gradients
-    as autograd through the written-out formula, and torch.autograd.gradcheck passes."""
+def test_vn_relu_hand_written_backward_is_autograds(slope, floor, fused, monkeypatch):
+    """VNReLU's activation has its own backward (for memory traffic), eager and as the compiled fused
+    kernels (vnt.kernels): the same values and gradients as autograd through the written-out
+    formula, and torch.autograd.gradcheck passes."""
+    monkeypatch.setattr(kernels, "_enabled", fused)
+    monkeypatch.setattr(kernels, "MIN_NUMEL", 0)  # these inputs are smaller than the default threshold
+
     def written_out(qk):
         q, k = qk.chunk(2, dim=-1)
         dot, k_sq = (q * k).sum(-2, keepdim=True), (k * k).sum(-2, keepdim=True)
@@ -76,6 +86,58 @@ def test_vn_relu_hand_written_backward_is_autograds(slope, floor):
     torch.testing.assert_close(ours, ref)
     torch.testing.assert_close(torch.autograd.grad(ours, qk, g)[0], torch.autograd.grad(ref, qk, g)[0])
     assert torch.autograd.gradcheck(relu.activate, (qk,))
+    if fused:  # the kernels ran: compiled, not fallen back to the eager code
+        assert layers._relu_forward_fused.compiled is not None and layers._relu_forward_fused.error is None
+        assert layers._relu_backward_fused.compiled is not None and layers._relu_backward_fused.error is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_vn_relu_is_the_eager_one_on_model_sized_inputs(dtype, monkeypatch):
+    """The fused kernels against the eager passes at a feed-forward's shape (batch 1 and 2: the
+    points are flattened, so batch size does not recompile), values and gradients to rounding."""
+    relu = layers.VNReLU(64).to(dtype)
+    monkeypatch.setattr(kernels, "MIN_NUMEL", 50_000)  # below both batch sizes (56k and 113k elements): fused
+    results = []
+    for fused in (True, False):
+        monkeypatch.setattr(kernels, "_enabled", fused)
+        torch.manual_seed(0)
+        for b in (2, 1):
+            qk = torch.randn(b, 40, 11, 128, dtype=dtype, requires_grad=True)
+            g = torch.randn(b, 40, 11, 64, dtype=dtype)
+            out = relu.activate(qk)
+            results.append((out.detach(), torch.autograd.grad(out, qk, g)[0]))
+    tol = {torch.float32: 1e-5, torch.float64: 1e-12}[dtype]
+    for (out_f, grad_f), (out_e, grad_e) in zip(results[:2], results[2:]):
+        torch.testing.assert_close(out_f, out_e, rtol=tol, atol=tol)
+        torch.testing.assert_close(grad_f, grad_e, rtol=tol, atol=tol)
+
+
+def test_fused_kernel_falls_back_to_eager_with_one_warning(monkeypatch):
+    """A compiler that fails (no C++ toolchain, say): one warning naming the error, then the eager
+    function, with the same result; disabled kernels are never compiled."""
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    fn = kernels.Fused(lambda x: x * 2, "test")
+    x = torch.randn(3)
+    with pytest.warns(UserWarning, match="no C\\+\\+ compiler"):
+        torch.testing.assert_close(fn(x), x * 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.testing.assert_close(fn(x), x * 2)  # no second warning, no second attempt
+    assert fn.compiled is None and "RuntimeError" in fn.error
+    assert kernels.usable(x, min_numel=3) and not kernels.usable(x, min_numel=4)  # the size threshold
+    monkeypatch.setattr(kernels, "_enabled", False)
+    assert not kernels.usable(x, min_numel=0)
+
+
+def test_fused_kernels_switch_off_from_the_environment():
+    code = "import vnt.kernels as k, torch; print(k.enabled(), k.usable(torch.ones(1), min_numel=1))"
+    for value, expect in (("0", "False False"), ("1", "True True")):
+        out = subprocess.run([sys.executable, "-c", code], env={**os.environ, kernels.ENV: value}, check=True,
+                             capture_output=True, text=True).stdout.split()
+        assert " ".join(out) == expect
 
 
 def test_vn_layer_norm_is_continuous_and_paper_mode_is_the_layer_norm_of_norms():

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from vnt import kernels
 from vnt.attend import Attend
 
 if TYPE_CHECKING:
@@ -174,42 +175,89 @@ class VNReLU(nn.Module):
         return _VNReLUActivation.apply(qk, self.negative_slope, self.k_norm_floor, self.eps)
 
 
+def _relu_denominators(k_sq: Tensor, k_norm_floor: float, eps: float) -> tuple[Tensor, Tensor, Tensor | None]:
+    """VN-ReLU's projection denominators from |k|^2 (..., 1, d): den = max(|k|^2, rho^2 mean_d |k_d|^2)
+    (or |k|^2 without a floor), den_c = den clamped at eps^2, and the floor (None without one)."""
+    floor = k_sq.mean(dim=-1, keepdim=True) * k_norm_floor ** 2 if k_norm_floor > 0 else None
+    den = k_sq if floor is None else torch.maximum(k_sq, floor)
+    return den, den.clamp(min=eps ** 2), floor
+
+
+def _relu_small_grads(g_k_dot: Tensor, dot: Tensor, k_sq: Tensor, coef: Tensor, negative_slope: float,
+                      k_norm_floor: float, eps: float) -> tuple[Tensor, Tensor]:
+    """The (..., 1, d) factors of VN-ReLU's gradient, from g_k_dot = sum_c g k: d/d<q, k> and d/d|k|^2."""
+    den, den_c, floor = _relu_denominators(k_sq, k_norm_floor, eps)
+    g_dot = -g_k_dot * (1.0 - negative_slope) * (dot < 0) / den_c
+    g_den = g_k_dot * coef / den_c * (den > eps ** 2)
+    if floor is None:
+        return g_dot, g_den
+    below = k_sq < floor  # den = max(k_sq, rho^2 mean_d k_sq)
+    return g_dot, g_den * ~below + (g_den * below).sum(dim=-1, keepdim=True) * k_norm_floor ** 2 / k_sq.shape[-1]
+
+
+def _relu_forward_plain(qk: Tensor, negative_slope: float, k_norm_floor: float, eps: float):
+    """VN-ReLU forward on (points, c, 2d) in plain ops, what ``vnt.kernels`` compiles into one reduction
+    and one elementwise pass: (out, <q, k>, |k|^2, coef)."""
+    q, k = qk.chunk(2, dim=-1)
+    dot, k_sq = (q * k).sum(dim=-2, keepdim=True), (k * k).sum(dim=-2, keepdim=True)
+    coef = dot.clamp(max=0.0) / _relu_denominators(k_sq, k_norm_floor, eps)[1] * (1.0 - negative_slope)
+    return q - coef * k, dot, k_sq, coef
+
+
+def _relu_backward_plain(g: Tensor, qk: Tensor, dot: Tensor, k_sq: Tensor, coef: Tensor, negative_slope: float,
+                         k_norm_floor: float, eps: float) -> Tensor:
+    """The gradient of [q | k] in plain ops (compiled by ``vnt.kernels``; traced under torch.compile)."""
+    q, k = qk.chunk(2, dim=-1)
+    g_dot, g_k_sq = _relu_small_grads((g * k).sum(dim=-2, keepdim=True), dot, k_sq, coef, negative_slope,
+                                      k_norm_floor, eps)
+    return torch.cat((g + g_dot * k, g_dot * q - coef * g + 2 * g_k_sq * k), dim=-1)
+
+
+_relu_forward_fused = kernels.Fused(_relu_forward_plain, "VN-ReLU forward")
+_relu_backward_fused = kernels.Fused(_relu_backward_plain, "VN-ReLU backward")
+
+
 class _VNReLUActivation(torch.autograd.Function):
     """VNReLU.activate with a hand-written backward: out = q - coef k, coef = (1 - alpha)
-    min(<q, k>, 0) / max(|k|^2, rho^2 mean_d |k_d|^2, eps^2), reductions over c. Every pass over the
-    (..., c, d) tensors is a fused reduction or multiply-add (torch.linalg.vecdot, addcmul) and the
-    gradient of [q | k] is written in place: about half the memory traffic of autograd through the
-    written-out products (the same function; tests compare both, values and gradients)."""
+    min(<q, k>, 0) / max(|k|^2, rho^2 mean_d |k_d|^2, eps^2), reductions over c.
+
+    On a CPU in float32/float64, from ``vnt.kernels.MIN_NUMEL`` elements of [q | k] on, the forward and
+    backward run as fused kernels (``vnt.kernels``: one reduction and one elementwise pass each). Otherwise every pass over the (..., c, d) tensors is a
+    fused reduction or multiply-add (torch.linalg.vecdot, addcmul) and the gradient of [q | k] is
+    written in place: about half the memory traffic of autograd through the written-out products.
+    All three are the same function (tests compare them, values and gradients)."""
 
     @staticmethod
     def forward(ctx, qk: Tensor, negative_slope: float, k_norm_floor: float, eps: float) -> Tensor:
+        ctx.constants = (negative_slope, k_norm_floor, eps)
+        ctx.fused = kernels.usable(qk)
+        if ctx.fused:  # points flattened, and detached from the view's base (which the compiler would
+            # guard on): no size-1 batch axis to specialise on, so new batch sizes do not recompile
+            flat = qk.detach().reshape(-1, *qk.shape[-2:]).detach()
+            out, dot, k_sq, coef = _relu_forward_fused(flat, negative_slope, k_norm_floor, eps)
+            ctx.save_for_backward(qk, dot, k_sq, coef)
+            return out.view(*qk.shape[:-1], out.shape[-1])
         q, k = qk.chunk(2, dim=-1)
         dot = torch.linalg.vecdot(q, k, dim=-2).unsqueeze(-2)         # (..., 1, d)
         k_sq = torch.linalg.vecdot(k, k, dim=-2).unsqueeze(-2)
-        floor = k_sq.mean(dim=-1, keepdim=True) * k_norm_floor ** 2 if k_norm_floor > 0 else None
-        den = k_sq if floor is None else torch.maximum(k_sq, floor)
-        den_c = den.clamp(min=eps ** 2)
-        coef = dot.clamp(max=0.0) / den_c * (1.0 - negative_slope)    # 0 where <q, k> >= 0
-        ctx.save_for_backward(qk, dot, k_sq, den, den_c, coef, floor if floor is not None else k_sq)
-        ctx.constants = (negative_slope, k_norm_floor, eps, floor is not None)
+        coef = dot.clamp(max=0.0) / _relu_denominators(k_sq, k_norm_floor, eps)[1] * (1.0 - negative_slope)
+        ctx.save_for_backward(qk, dot, k_sq, coef)                    # 0 where <q, k> >= 0
         return torch.addcmul(q, coef, k, value=-1.0)
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        qk, dot, k_sq, den, den_c, coef, floor = ctx.saved_tensors
-        negative_slope, k_norm_floor, eps, floored = ctx.constants
-        q, k = qk.chunk(2, dim=-1)
-        g_k_dot = torch.linalg.vecdot(g, k, dim=-2).unsqueeze(-2)     # sum_c g k: d out / d coef = -k
-        g_dot = -g_k_dot * (1.0 - negative_slope) * (dot < 0) / den_c
-        g_den = g_k_dot * coef / den_c * (den > eps ** 2)
-        if floored:  # den = max(k_sq, rho^2 mean_d k_sq)
-            below = k_sq < floor
-            g_k_sq = g_den * ~below + (g_den * below).sum(dim=-1, keepdim=True) * k_norm_floor ** 2 / k_sq.shape[-1]
-        else:
-            g_k_sq = g_den
+        qk, dot, k_sq, coef = ctx.saved_tensors
+        if ctx.fused and kernels.usable(g, min_numel=0):
+            flat, g_flat = (t.detach().reshape(-1, *t.shape[-2:]).detach() for t in (qk, g))
+            grad = _relu_backward_fused(g_flat, flat, dot, k_sq, coef, *ctx.constants)
+            return grad.view(qk.shape), None, None, None
+        if ctx.fused:  # saved flat by the fused forward
+            dot, k_sq, coef = (t.view(*qk.shape[:-2], 1, -1) for t in (dot, k_sq, coef))
         if torch.compiler.is_compiling():  # a trace takes no out= into strided halves; the compiler fuses instead
-            g_k = torch.addcmul(torch.addcmul(-coef * g, g_dot, q), 2 * g_k_sq, k)
-            return torch.cat((torch.addcmul(g, g_dot, k), g_k), dim=-1), None, None, None
+            return _relu_backward_plain(g, qk, dot, k_sq, coef, *ctx.constants), None, None, None
+        q, k = qk.chunk(2, dim=-1)
+        g_dot, g_k_sq = _relu_small_grads(torch.linalg.vecdot(g, k, dim=-2).unsqueeze(-2), dot, k_sq, coef,
+                                          *ctx.constants)
         grad = torch.empty_like(qk)
         g_q, g_k = grad.chunk(2, dim=-1)
         torch.addcmul(g, g_dot, k, out=g_q)                              # d/dq: g + g_dot k
