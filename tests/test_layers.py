@@ -8,8 +8,8 @@ import warnings
 import pytest
 import torch
 from einops import rearrange
-from models import BACKENDS, block_cfg, rotate
 
+from models import BACKENDS, block_cfg, rotate
 from vnt import kernels, layers
 from vnt.rotations import random_rotations
 
