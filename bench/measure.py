@@ -179,7 +179,10 @@ def peak_memory_mib(case: Case, device: str) -> tuple[float, str]:
         fb()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2 ** 20, "cuda_allocator_peak"
-    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "MALLOC_MMAP_THRESHOLD_": "0"}
+    # without the session's GLIBC_TUNABLES (mmap_max=0 keeps freed memory in the heap, so after the
+    # warm-up step the measured one would not grow the RSS at all)
+    env = {**{k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"},
+           "OMP_NUM_THREADS": str(torch.get_num_threads()), "MALLOC_MMAP_THRESHOLD_": "0"}
     out = subprocess.run([sys.executable, "-m", "bench.measure", json.dumps(case.to_dict())], capture_output=True,
                          text=True, env=env, check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
     return float(out.stdout.strip().splitlines()[-1]), "cpu_subprocess_sampled_rss"
