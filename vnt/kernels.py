@@ -5,9 +5,9 @@ tensors per forward+backward (each reduction over c and each multiply-add is its
 one reduction pass and one elementwise pass suffice. A compiled function fuses them. Only that
 region is compiled, not the model: its GEMMs stay on the eager BLAS calls, and nothing else changes.
 
-Use: on a CPU, in float32 and float64, on tensors of at least ``MIN_NUMEL`` elements, in eager mode (a model under ``torch.compile`` traces the
-eager formulas and its compiler fuses them itself; under a dispatch mode, FlopCounterMode say, the
-eager ops run, so that the mode sees them). The first call per dtype compiles (about 5-15 s;
+Use: on a CPU, in float32 and float64, on tensors of at least ``MIN_NUMEL`` elements, in eager mode
+(a model under ``torch.compile`` traces the eager formulas and its compiler fuses them itself; under a
+dispatch mode, FlopCounterMode say, the eager ops run, so that the mode sees them). The first call per dtype compiles (about 5-15 s;
 inductor caches the result on disk, so later processes load it in about a second); shapes are
 dynamic, so new lengths and batch sizes do not recompile. Where compilation fails (no C++ compiler,
 say), vnt warns once and runs the eager code from then on. ``VNT_FUSED_KERNELS=0`` in the

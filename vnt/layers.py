@@ -195,12 +195,17 @@ def _relu_small_grads(g_k_dot: Tensor, dot: Tensor, k_sq: Tensor, coef: Tensor, 
     return g_dot, g_den * ~below + (g_den * below).sum(dim=-1, keepdim=True) * k_norm_floor ** 2 / k_sq.shape[-1]
 
 
+def _relu_coef(dot: Tensor, k_sq: Tensor, negative_slope: float, k_norm_floor: float, eps: float) -> Tensor:
+    """out = q - coef k: coef = (1 - alpha) min(<q, k>, 0) / den_c, 0 where <q, k> >= 0."""
+    return dot.clamp(max=0.0) / _relu_denominators(k_sq, k_norm_floor, eps)[1] * (1.0 - negative_slope)
+
+
 def _relu_forward_plain(qk: Tensor, negative_slope: float, k_norm_floor: float, eps: float):
     """VN-ReLU forward on (points, c, 2d) in plain ops, what ``vnt.kernels`` compiles into one reduction
     and one elementwise pass: (out, <q, k>, |k|^2, coef)."""
     q, k = qk.chunk(2, dim=-1)
     dot, k_sq = (q * k).sum(dim=-2, keepdim=True), (k * k).sum(dim=-2, keepdim=True)
-    coef = dot.clamp(max=0.0) / _relu_denominators(k_sq, k_norm_floor, eps)[1] * (1.0 - negative_slope)
+    coef = _relu_coef(dot, k_sq, negative_slope, k_norm_floor, eps)
     return q - coef * k, dot, k_sq, coef
 
 
@@ -213,6 +218,12 @@ def _relu_backward_plain(g: Tensor, qk: Tensor, dot: Tensor, k_sq: Tensor, coef:
     return torch.cat((g + g_dot * k, g_dot * q - coef * g + 2 * g_k_sq * k), dim=-1)
 
 
+def _points(t: Tensor) -> Tensor:
+    """(..., c, e) -> (points, c, e), detached from any view base (which the compiler would guard on):
+    no size-1 batch axis for the fused kernels to specialise on, so new batch sizes do not recompile."""
+    return t.detach().reshape(-1, *t.shape[-2:]).detach()
+
+
 _relu_forward_fused = kernels.Fused(_relu_forward_plain, "VN-ReLU forward")
 _relu_backward_fused = kernels.Fused(_relu_backward_plain, "VN-ReLU backward")
 
@@ -221,38 +232,35 @@ class _VNReLUActivation(torch.autograd.Function):
     """VNReLU.activate with a hand-written backward: out = q - coef k, coef = (1 - alpha)
     min(<q, k>, 0) / max(|k|^2, rho^2 mean_d |k_d|^2, eps^2), reductions over c.
 
-    On a CPU in float32/float64, from ``vnt.kernels.MIN_NUMEL`` elements of [q | k] on, the forward and
-    backward run as fused kernels (``vnt.kernels``: one reduction and one elementwise pass each). Otherwise every pass over the (..., c, d) tensors is a
-    fused reduction or multiply-add (torch.linalg.vecdot, addcmul) and the gradient of [q | k] is
-    written in place: about half the memory traffic of autograd through the written-out products.
-    All three are the same function (tests compare them, values and gradients)."""
+    On a CPU in float32/float64, from ``vnt.kernels.MIN_NUMEL`` elements of [q | k] on, the forward
+    and backward run as fused kernels (``vnt.kernels``: one reduction and one elementwise pass each).
+    Otherwise every pass over the (..., c, d) tensors is a fused reduction or multiply-add
+    (torch.linalg.vecdot, addcmul) and the gradient of [q | k] is written in place: about half the
+    memory traffic of autograd through the written-out products. All three are the same function
+    (tests compare them, values and gradients)."""
 
     @staticmethod
     def forward(ctx, qk: Tensor, negative_slope: float, k_norm_floor: float, eps: float) -> Tensor:
         ctx.constants = (negative_slope, k_norm_floor, eps)
         ctx.fused = kernels.usable(qk)
-        if ctx.fused:  # points flattened, and detached from the view's base (which the compiler would
-            # guard on): no size-1 batch axis to specialise on, so new batch sizes do not recompile
-            flat = qk.detach().reshape(-1, *qk.shape[-2:]).detach()
-            out, dot, k_sq, coef = _relu_forward_fused(flat, negative_slope, k_norm_floor, eps)
+        if ctx.fused:
+            out, dot, k_sq, coef = _relu_forward_fused(_points(qk), negative_slope, k_norm_floor, eps)
+            dot, k_sq, coef = (t.view(*qk.shape[:-2], 1, -1) for t in (dot, k_sq, coef))
             ctx.save_for_backward(qk, dot, k_sq, coef)
             return out.view(*qk.shape[:-1], out.shape[-1])
         q, k = qk.chunk(2, dim=-1)
         dot = torch.linalg.vecdot(q, k, dim=-2).unsqueeze(-2)         # (..., 1, d)
         k_sq = torch.linalg.vecdot(k, k, dim=-2).unsqueeze(-2)
-        coef = dot.clamp(max=0.0) / _relu_denominators(k_sq, k_norm_floor, eps)[1] * (1.0 - negative_slope)
-        ctx.save_for_backward(qk, dot, k_sq, coef)                    # 0 where <q, k> >= 0
+        coef = _relu_coef(dot, k_sq, negative_slope, k_norm_floor, eps)
+        ctx.save_for_backward(qk, dot, k_sq, coef)
         return torch.addcmul(q, coef, k, value=-1.0)
 
     @staticmethod
     def backward(ctx, g: Tensor):
         qk, dot, k_sq, coef = ctx.saved_tensors
         if ctx.fused and kernels.usable(g, min_numel=0):
-            flat, g_flat = (t.detach().reshape(-1, *t.shape[-2:]).detach() for t in (qk, g))
-            grad = _relu_backward_fused(g_flat, flat, dot, k_sq, coef, *ctx.constants)
+            grad = _relu_backward_fused(*(_points(t) for t in (g, qk, dot, k_sq, coef)), *ctx.constants)
             return grad.view(qk.shape), None, None, None
-        if ctx.fused:  # saved flat by the fused forward
-            dot, k_sq, coef = (t.view(*qk.shape[:-2], 1, -1) for t in (dot, k_sq, coef))
         if torch.compiler.is_compiling():  # a trace takes no out= into strided halves; the compiler fuses instead
             return _relu_backward_plain(g, qk, dot, k_sq, coef, *ctx.constants), None, None, None
         q, k = qk.chunk(2, dim=-1)
