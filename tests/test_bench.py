@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("pandas")
 pytest.importorskip("matplotlib")
@@ -197,3 +198,20 @@ def test_report_re_renders_a_folder_from_its_csv(tiny_session, tmp_path, capsys)
     assert f"rendered {folder}/latest.md" in capsys.readouterr().out
     md = (folder / "latest.md").read_text()
     assert md.startswith("# Benchmark report (tiny profile)") and "## Protocol" in md and "| sdpa " in md
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the cuda profile runs for real (minutes)")
+def test_cuda_profile_command_skips_every_row_without_a_gpu(tmp_path):
+    """`pytest --benchmark-only --bench-profile cuda` as the README types it: on a machine without a
+    GPU it exits cleanly, every row skipped with the reason, and writes no report. Its case list is
+    well formed (unique ids, every backend in the grid)."""
+    from bench.cases import BACKENDS, cuda_cases
+    cases = cuda_cases()
+    assert len({c.id for c in cases}) == len(cases)
+    assert {c.backend for c in cases if c.group == "grid"} == set(BACKENDS)
+    proc = subprocess.run([sys.executable, "-m", "pytest", "--benchmark-only", "--bench-profile", "cuda",
+                           f"--bench-out={tmp_path}", "-q", "-rs", "-p", "no:cacheprovider"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "the cuda profile needs a CUDA GPU" in proc.stdout and " passed" not in proc.stdout
+    assert not any(tmp_path.iterdir())
