@@ -133,6 +133,31 @@ def test_self_gram_backward_is_the_gradient_of_q_q_transposed():
     assert torch.autograd.gradcheck(_SelfGram.apply, (q,))
 
 
+@pytest.mark.parametrize("rows", [256, 257, 301], ids=lambda r: f"rows{r}")
+def test_self_gram_upper_blocks_are_the_whole_product(rows):
+    """From SYMMETRIC_GRAM_MIN_ROWS rows on a CPU, only the blocks on and above the diagonal are
+    multiplied and the rest copied from their transposes: every entry equals q q^T (float64; row counts
+    that do and do not split evenly into the blocks), and gradcheck passes."""
+    from vnt.attend import SYMMETRIC_GRAM_MIN_ROWS, _SelfGram
+    assert rows >= SYMMETRIC_GRAM_MIN_ROWS
+    q = torch.randn(2, 1, rows, 3, dtype=torch.float64)
+    out = _SelfGram.apply(q)
+    torch.testing.assert_close(out, q @ q.transpose(-1, -2), rtol=1e-12, atol=1e-12)
+    if rows == 257:
+        leaf = q[:1, :, :, :2].clone().requires_grad_(True)
+        assert torch.autograd.gradcheck(_SelfGram.apply, (leaf,), fast_mode=True)
+
+
+def test_sum_heads_backward_is_the_gradient_of_the_head_sum():
+    """_SumHeads (sum_h attn_h v_h as one GEMM; dv per head on a shared output gradient): gradcheck in
+    float64 for both inputs, over two samples so the per-sample loop of its backward is covered."""
+    from vnt.attend import _SumHeads
+    attn = torch.rand(2, 3, 5, 6, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, 3, 6, 4, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(_SumHeads.apply(attn, v), (attn @ v).sum(dim=1))
+    assert torch.autograd.gradcheck(_SumHeads.apply, (attn, v))
+
+
 def test_tied_l2_runs_written_out_only_within_the_budget_on_a_cpu():
     """l2: written out while batch x heads x i x j <= the budget, on the fused kernels beyond it (their
     memory is O(n)); l2_math always written out; a negative budget fails at construction."""
