@@ -2,10 +2,12 @@
 
 Protocol: every case is checked against the reference path first (correct before fast), then
 ``warmup`` untimed steps, then ``rounds`` timed steps; medians and inter-quartile ranges are
-reported. Peak memory: on CUDA the caching allocator's peak during one forward+backward; on CPU
-the step runs in a fresh subprocess where glibc returns every freed buffer at once
-(MALLOC_MMAP_THRESHOLD_=0), and a thread samples the resident set every 0.2 ms: the peak growth
-over the RSS after setup and one warm-up step is the step's peak memory.
+reported. Peak memory, after one warm-up step: on CUDA the caching allocator's peak during one
+forward+backward; on CPU the peak of live tensor bytes during one forward+backward, summed in order
+from the allocations and frees that ``torch.profiler`` (``profile_memory=True``) records from the
+CPU allocator (every tensor buffer, the compiled kernels' included). Exact and independent of the
+C allocator: the resident set is not, as memory freed by the warm-up stays resident and serves the
+measured step.
 """
 from __future__ import annotations
 
@@ -169,28 +171,36 @@ def equivariance(case: Case, device: str, num_rotations: int = 3) -> tuple[float
 
 
 def peak_memory_mib(case: Case, device: str) -> tuple[float, str]:
+    """Peak memory of one forward+backward after a warm-up step (one-time costs, such as vnt.kernels
+    compiling its fused kernels, stay out), and the method's name (see the module docstring)."""
+    model, coors, feats = build(case, device)
+    _, fb = step_fns(model, coors, feats, case, device)
+    fb()
     if device == "cuda":
-        model, coors, feats = build(case, device)
-        _, fb = step_fns(model, coors, feats, case, device)
-        fb()
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         fb()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2 ** 20, "cuda_allocator_peak"
-    # without the session's GLIBC_TUNABLES (mmap_max=0 keeps freed memory in the heap, so after the
-    # warm-up step the measured one would not grow the RSS at all)
-    env = {**{k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"},
-           "OMP_NUM_THREADS": str(torch.get_num_threads()), "MALLOC_MMAP_THRESHOLD_": "0"}
-    out = subprocess.run([sys.executable, "-m", "bench.measure", json.dumps(case.to_dict())], capture_output=True,
-                         text=True, env=env, check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
-    return float(out.stdout.strip().splitlines()[-1]), "cpu_subprocess_sampled_rss"
+    return cpu_tensor_peak_bytes(fb) / 2 ** 20, "cpu_profiler_tensor_peak"
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def cpu_tensor_peak_bytes(fn) -> int:
+    """Peak growth of live CPU tensor bytes while ``fn()`` runs: the allocator's allocation and free
+    records under ``torch.profiler`` (``profile_memory=True``), summed in time order."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    records = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
+                      and e.device_type() == torch.autograd.DeviceType.CPU), key=lambda e: e.start_ns())
+    if not records:
+        raise RuntimeError("torch.profiler recorded no CPU allocations (profile_memory=True): cannot measure memory")
+    live = peak = 0
+    for record in records:
+        live += record.nbytes()
+        peak = max(peak, live)
+    return peak
 
 
 def child_step(case_json: str):
@@ -200,31 +210,6 @@ def child_step(case_json: str):
     case = Case(**d)
     model, coors, feats = build(case, "cpu")
     return step_fns(model, coors, feats, case, "cpu")[1]
-
-
-def _subprocess_peak(case_json: str) -> None:
-    """Runs in a fresh process with MALLOC_MMAP_THRESHOLD_=0, so every freed buffer leaves the
-    resident set at once and RSS tracks live memory; a thread samples RSS every 0.2 ms."""
-    import threading
-
-    fb = child_step(case_json)
-    fb()  # a warm-up step: one-time costs (vnt.kernels compiling its fused kernels, lazy imports) stay out
-    base = _rss_bytes()
-    peak = [base]
-    done = threading.Event()
-
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], _rss_bytes())
-            time.sleep(0.0002)
-
-    t = threading.Thread(target=sample)
-    t.start()
-    fb()
-    done.set()
-    t.join()
-    peak[0] = max(peak[0], _rss_bytes())
-    print((peak[0] - base) / 2 ** 20)
 
 
 def measure(case: Case, *, device: str, rounds: int, warmup: int, peaks: dict[str, float],
@@ -301,7 +286,4 @@ def time_in_subprocess(case: Case, *, rounds: int, env: dict) -> float:
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "--time":
-        _subprocess_time(sys.argv[2], int(sys.argv[3]))
-    else:
-        _subprocess_peak(sys.argv[1])
+    _subprocess_time(sys.argv[2], int(sys.argv[3]))  # time_in_subprocess: --time CASE_JSON ROUNDS

@@ -14,7 +14,7 @@ pytest.importorskip("matplotlib")
 
 from bench import report
 from bench.cases import Case, full_cases, quick_cases, tiny_cases
-from bench.measure import peak_memory_mib
+from bench.measure import cpu_tensor_peak_bytes, peak_memory_mib
 from vnt import MALLOC_TUNABLES
 
 ROOT = Path(__file__).parents[1]
@@ -104,16 +104,34 @@ def test_report_compares_two_committed_runs_and_two_jsons(tiny_session, tmp_path
     assert len(table) and (table["new/old"] == 1).all()
 
 
+def test_cpu_tensor_peak_is_the_peak_of_live_tensor_bytes():
+    """Known allocations: 4 MiB and 2 MiB live together, then 4 MiB freed and 1 MiB allocated; tensors
+    that exist before the call do not count, and the peak is the sum of the first two."""
+    before = torch.ones(2 ** 20)  # noqa: F841 (live before the call: not part of the growth)
+
+    def fn():
+        a = torch.ones(2 ** 20)          # 4 MiB of float32
+        b = torch.ones(2 ** 19)          # 2 MiB
+        del a
+        c = torch.ones(2 ** 18)          # 1 MiB
+        return b, c
+
+    assert cpu_tensor_peak_bytes(fn) == 6 * 2 ** 20
+
+
 def test_cpu_peak_memory_sees_quadratic_math_and_linear_sdpa():
-    """The subprocess RSS method must see the n x n attention matrix of the math path."""
+    """The math path keeps each head's n x n attention map for the backward: its peak is at least
+    heads x n^2 float32 and grows about as n^2; sdpa's (flash) stays below that map and grows about as n."""
     small = dict(dim=8, depth=1, heads=8, dim_head=4, fusion=False, batch=1)
-    growth = {}
+    peak, growth = {}, {}
     for backend in ("math", "sdpa"):
-        lo, _ = peak_memory_mib(Case(backend=backend, n=1024, **small), "cpu")
-        hi, _ = peak_memory_mib(Case(backend=backend, n=2048, **small), "cpu")
-        growth[backend] = math.log2(hi / lo)  # local exponent of n (committed run: math 1.85, sdpa 0.43)
-    assert growth["math"] > 1.5, growth
-    assert growth["sdpa"] < 1.2, growth
+        lo, method = peak_memory_mib(Case(backend=backend, n=1024, **small), "cpu")
+        peak[backend], _ = peak_memory_mib(Case(backend=backend, n=2048, **small), "cpu")
+        growth[backend] = math.log2(peak[backend] / lo)  # local exponent of n
+        assert method == "cpu_profiler_tensor_peak"
+    attn_map_mib = 8 * 2048 ** 2 * 4 / 2 ** 20
+    assert peak["math"] >= attn_map_mib > peak["sdpa"], peak
+    assert growth["math"] > 1.7 and growth["sdpa"] < 1.2, growth
 
 
 def test_numerics_report_rows_and_summary(tmp_path):
