@@ -111,8 +111,10 @@ def count_flops(case: Case, device: str) -> int:
     return counter.get_total_flops()
 
 
-def gemm_peak_flops(dtype: str, device: str = "cpu", size: int = 1024, rounds: int = 3) -> float:
-    """Dense GEMM FLOP/s in this dtype on this device: the roofline cases are held against."""
+def gemm_peak_flops(dtype: str, device: str = "cpu", size: int = 2048, rounds: int = 10) -> float:
+    """Dense GEMM FLOP/s in this dtype on this device: the roofline cases are held against. The
+    fastest of ``rounds`` products: on a shared machine a few rounds can all land in a slow moment
+    (the 81e5e70 run measured 123 GFLOP/s from 3 rounds of 1024^3, where runs before had 228-269)."""
     a = torch.randn(size, size, device=device, dtype=DTYPES[dtype])
     b = torch.randn(size, size, device=device, dtype=DTYPES[dtype])
     times = time_fn(lambda: a @ b, rounds=rounds, warmup=2, device=device)
