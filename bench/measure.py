@@ -2,12 +2,11 @@
 
 Protocol: every case is checked against the reference path first (correct before fast), then
 ``warmup`` untimed steps, then ``rounds`` timed steps; medians and inter-quartile ranges are
-reported. Peak memory, after one warm-up step: on CUDA the caching allocator's peak during one
-forward+backward; on CPU the peak of live tensor bytes during one forward+backward, summed in order
-from the allocations and frees that ``torch.profiler`` (``profile_memory=True``) records from the
-CPU allocator (every tensor buffer, the compiled kernels' included). Exact and independent of the
-C allocator: the resident set is not, as memory freed by the warm-up stays resident and serves the
-measured step.
+reported. Peak memory, of one more step after the timed ones: on CUDA the caching allocator's
+peak; on CPU the peak of live tensor bytes, summed in order from the allocations and frees that
+``torch.profiler`` (``profile_memory=True``) records from the CPU allocator (every tensor buffer,
+the compiled kernels' included). Exact and independent of the C allocator: the resident set is
+not, as memory freed by earlier steps stays resident and serves the measured one.
 """
 from __future__ import annotations
 
@@ -173,11 +172,17 @@ def equivariance(case: Case, device: str, num_rotations: int = 3) -> tuple[float
 
 
 def peak_memory_mib(case: Case, device: str) -> tuple[float, str]:
-    """Peak memory of one forward+backward after a warm-up step (one-time costs, such as vnt.kernels
-    compiling its fused kernels, stay out), and the method's name (see the module docstring)."""
+    """Peak memory of one forward+backward of a freshly built ``case`` after a warm-up step (see
+    ``step_peak_memory_mib``)."""
     model, coors, feats = build(case, device)
     _, fb = step_fns(model, coors, feats, case, device)
     fb()
+    return step_peak_memory_mib(fb, device)
+
+
+def step_peak_memory_mib(fb, device: str) -> tuple[float, str]:
+    """Peak memory of one call of the step ``fb``, which has run at least once (one-time costs, such
+    as vnt.kernels compiling its fused kernels, stay out), and the method's name (module docstring)."""
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -245,7 +250,8 @@ def measure(case: Case, *, device: str, rounds: int, warmup: int, peaks: dict[st
             kernels = getattr(model, "_orig_mod", model).encoder.attention_kernels()
             row["attn_kernel"] = "+".join(sorted({str(k) for k in kernels}))
         flops = count_flops(case, device)
-        mem, mem_method = (float("nan"), "not measured (compiled)") if case.compile else peak_memory_mib(case, device)
+        # the timed step, already warm: no second model or warm-up step for the memory measurement
+        mem, mem_method = (float("nan"), "not measured (compiled)") if case.compile else step_peak_memory_mib(fb, device)
         row["equiv_rel_err"], row["equiv_floor_rel_err"] = equivariance(case, device)
     except torch.OutOfMemoryError:
         return {**row, "status": "oom"}
