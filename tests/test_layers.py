@@ -310,3 +310,18 @@ def test_head_linear_writes_every_heads_map_head_major_with_its_gradients():
     assert (wf.grad.double() - gw).abs().max() <= 0.05 * gw.abs().max()
     with pytest.raises(ValueError, match=r"x \(batch, rows, d\) and weight \(heads, d, e\)"):
         layers.head_linear(x, w.transpose(1, 2))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_ones_column_linear_is_f_linear_with_its_gradients(bias):
+    """ones_column_linear (the feed-forward's first GEMM: the bias as a ones column of x, dw as (x^T g)^T)
+    is F.linear: values and every gradient (gradcheck, float64), on (..., k) inputs; under autocast it
+    is F.linear itself."""
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, dtype=torch.float64, requires_grad=True) if bias else None
+    torch.testing.assert_close(layers.ones_column_linear(x, w, b), torch.nn.functional.linear(x, w, b))
+    assert torch.autograd.gradcheck(layers.ones_column_linear, (x, w, b))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layers.ones_column_linear(x.float(), w.float(), None if b is None else b.float())
+    assert out.dtype == torch.bfloat16
