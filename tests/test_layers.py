@@ -116,6 +116,40 @@ def test_fused_vn_relu_is_the_eager_one_on_model_sized_inputs(dtype, monkeypatch
         torch.testing.assert_close(grad_f, grad_e, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_layer_norm_residual_is_the_eager_one(dtype, monkeypatch):
+    """VNLayerNorm(x, residual=r) fused (the RMS norm on a CPU) against the eager norm + r: values and the
+    gradients of x, r and gamma, at batch 2 and 1 (no recompile), to rounding; with the paper's norm
+    or a mismatched residual it is the eager sum or a ValueError."""
+    norm = layers.VNLayerNorm(64).to(dtype)
+    with torch.no_grad():
+        norm.gamma.uniform_(0.5, 1.5)
+    monkeypatch.setattr(kernels, "MIN_NUMEL", 20_000)  # below both batch sizes (28k and 56k elements): fused
+    results = []
+    for fused in (True, False):
+        monkeypatch.setattr(kernels, "_enabled", fused)
+        torch.manual_seed(0)
+        for b in (2, 1):
+            x = torch.randn(b, 40, 11, 64, dtype=dtype, requires_grad=True)
+            r = torch.randn(b, 40, 11, 64, dtype=dtype, requires_grad=True)
+            g = torch.randn(b, 40, 11, 64, dtype=dtype)
+            out = norm(x, residual=r)
+            results.append((out.detach(), *torch.autograd.grad(out, (x, r, norm.gamma), g)))
+    for kernel in (layers._rms_norm_residual_fused, layers._rms_norm_backward_fused):
+        assert kernel.compiled is not None and kernel.error is None
+    tol = {torch.float32: 1e-5, torch.float64: 1e-12}[dtype]
+    for fused, eager in zip(results[:2], results[2:]):
+        for got, want in zip(fused, eager):
+            torch.testing.assert_close(got, want, rtol=tol, atol=tol * want.abs().max().item())
+    monkeypatch.setattr(kernels, "_enabled", True)
+    x = torch.randn(1, 40, 11, 64, dtype=dtype)
+    torch.testing.assert_close(norm(x, residual=x), norm(x) + x, rtol=tol, atol=tol)
+    paper = layers.VNLayerNorm(64, subtract_mean=True).to(dtype)
+    torch.testing.assert_close(paper(x, residual=x), paper(x) + x)
+    with pytest.raises(ValueError, match="residual must have the shape of x"):
+        norm(x, residual=x[:, :3])
+
+
 def test_fused_kernel_falls_back_to_eager_with_one_warning(monkeypatch):
     """A compiler that fails (no C++ toolchain, say): one warning naming the error, then the eager
     function, with the same result; disabled kernels are never compiled."""
