@@ -49,7 +49,11 @@ ATTN_MEMORY = dict(dim=8, depth=1, heads=8, dim_head=4, fusion=False, batch=1)  
 README = dict(dim=64, depth=2, heads=8, dim_head=64, dim_feat=64, batch=2, n=128, bias_epsilon=1e-6)
 README_EPS0 = {**README, "bias_epsilon": 0.0}
 # the headline speed-ups over the original: (label, config); each is timed paired, per backend
-PAIRED = {"readme": README, "readme-eps0": README_EPS0, "n512": {**README, "n": 512, "batch": 1}}
+# depth6: the README example three times as deep. vnt's first attention layer runs on proj_in's rank-1
+# factor (VNAttention's factors), nearly free, so a depth-2 model gains more from it than a deeper one
+PAIRED = {"readme": README, "readme-eps0": README_EPS0, "n512": {**README, "n": 512, "batch": 1},
+          "depth6": {**README, "depth": 6}}
+LONG_PAIRED = ("n512", "depth6")  # the original's step takes seconds there: the profile's long_rounds
 
 
 TINY = dict(dim=8, depth=1, heads=2, dim_head=4, dim_feat=4, n=16, batch=1, bias_epsilon=1e-6)  # harness tests

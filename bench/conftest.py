@@ -22,7 +22,7 @@ from bench.train_cases import quality_cases, tiny_train_cases, train_cases
 
 ROWS: list[dict] = []
 # the README-configuration rows (vnt vs the original package) get more rounds: their ratio is the headline;
-# long_rounds: the paired n = 512 rows, where one step of the original takes 5-20 s on 2 CPU cores.
+# long_rounds: the paired n = 512 and depth-6 rows, where one step of the original takes 2-20 s on 2 CPU cores.
 # train: the training league (bench/train_cases.py) alone, reported in results/train-bench.
 # tiny: one tiny row of every kind, what tests/test_bench.py runs to check the harness.
 # cuda: the GPU rows alone (bench.cases.cuda_cases), on a CUDA machine; without one every row is skipped.

@@ -6,8 +6,9 @@ At the original's README example by default (dim 64, depth 2, 8 heads x 64, dim_
 Writes ``profile_{backend}_n{n}.{md,meta.json}`` into --out (default results/bench):
 
 - the whole forward+backward step, median of ``rounds`` after 2 warm-ups;
-- each block of the first encoder layer on its own (attention, feed-forward, one layer norm),
-  forward+backward on a random input of the layer's shape with a random output gradient, median;
+- each block on its own (the first layer's attention, on proj_in's rank-1 factor; a later layer's
+  attention; the feed-forward; one layer norm with its residual sum), forward+backward on a random
+  input of the layer's shape with a random output gradient, median, and how many a step runs;
 - the top ops by self CPU time over one step under ``torch.profiler`` (its overhead inflates small
   ops; the block times above are without it), with their input shapes;
 - the step's FLOPs (FlopCounterMode) and the dense-GEMM peak measured in the same run.
@@ -61,17 +62,26 @@ def main(argv=None) -> int:
 
     attn, norm, ff, _ = model.encoder.layers[0]
     x = torch.randn(case.batch, case.n, model.config.dim_coor_total, case.dim, requires_grad=True)
+    other = torch.randn_like(x)
     grad = torch.randn_like(x)
+    # the first layer's attention runs on proj_in's rank-1 factor (VNAttention's factors), the later ones on x
+    s = torch.randn(case.batch, case.n, model.config.dim_coor_total, 1)
+    blocks_run = {
+        "attention, first layer (on proj_in's rank-1 factor)": (lambda: attn(x, factors=model.proj_in.factors(s)), 1),
+        "attention, a later layer": (lambda: attn(x), case.depth - 1),
+        "feed-forward": (lambda: ff(x), case.depth),
+        "layer norm + residual": (lambda: norm(x, residual=other), 2 * case.depth),
+    }
 
-    def block_step(block):
+    def block_step(fn):
         def run():
-            block(x).backward(grad)
+            fn().backward(grad)
             x.grad = None
             model.zero_grad(set_to_none=True)
         return run
 
-    blocks = {name: statistics.median(time_fn(block_step(mod), rounds=args.rounds, warmup=2, device="cpu")) * 1e3
-              for name, mod in (("attention", attn), ("feed-forward", ff), ("layer norm", norm))}
+    blocks = {name: statistics.median(time_fn(block_step(fn), rounds=args.rounds, warmup=2, device="cpu")) * 1e3
+              for name, (fn, count) in blocks_run.items() if count}
     kernel = "+".join(sorted({str(k) for k in model.encoder.attention_kernels()}))
     with FlopCounterMode(display=False) as counter:
         step()
@@ -92,14 +102,13 @@ def main(argv=None) -> int:
     (out / f"{name}.meta.json").write_text(json.dumps(meta, indent=2))
     config = (f"dim {case.dim}, depth {case.depth}, {case.heads} heads x {case.dim_head}, dim_feat {case.dim_feat}, "
               f"n {case.n}, batch {case.batch}, bias_epsilon {case.bias_epsilon:g}, float32")
-    layers = case.depth
     lines = [f"# Where a `{args.backend}` step's time goes ({config})", "",
              *[f"- {k}: {v}" for k, v in meta.items() if k not in ("case", "block_ms")], "",
              f"## Forward+backward, medians of {args.rounds} after 2 warm-ups (ms)", "",
-             "| part | ms | x layers | share of the step |", "|---|---:|---:|---:|",
+             "| part | ms | x per step | share of the step |", "|---|---:|---:|---:|",
              f"| whole step | {step_ms:.1f} | | 100% |",
-             *[f"| {k} (one layer, alone) | {v:.1f} | {layers * (2 if k == 'layer norm' else 1)} | "
-               f"{100 * v * layers * (2 if k == 'layer norm' else 1) / step_ms:.0f}% |" for k, v in blocks.items()],
+             *[f"| {k} (one, alone) | {v:.1f} | {blocks_run[k][1]} | {100 * v * blocks_run[k][1] / step_ms:.0f}% |"
+               for k, v in blocks.items()],
              "", (f"Achieved: {flops / 1e9:.1f} GFLOP in {step_ms:.0f} ms = {flops / step_ms / 1e6:.0f} GFLOP/s, "
                   f"{flops / step_ms / 1e6 / (peak / 1e9):.2f} of the dense-GEMM peak ({peak / 1e9:.0f} GFLOP/s)."), "",
              f"## Top {args.top} ops by self CPU time, one step under torch.profiler", "", "```", table.strip(), "```", ""]

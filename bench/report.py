@@ -123,10 +123,12 @@ def render(out_dir: Path = RESULTS) -> None:
                   "Steps of the two models alternate in one process; speed-up = median of the per-pair time "
                   "ratios original / vnt, with quartiles. `readme` is the original's README example (dim 64, "
                   "depth 2, 8 heads x 64, dim_feat 64, bias_epsilon 1e-6, n 128, batch 2); `readme-eps0` the same "
-                  "at epsilon 0; `n512` the README example at n 512, batch 1.", "",
+                  "at epsilon 0; `n512` the README example at n 512, batch 1; `depth6` the README example at "
+                  "depth 6 (vnt's first attention layer runs on proj_in's rank-1 factor, nearly free, so deeper "
+                  "models gain less).", "",
                   _table(paired.assign(bias_epsilon=paired["bias_epsilon"].map(lambda e: f"{e:g}"))
                          .set_index(["paired_config", "backend"])[
-                      ["bias_epsilon", "n", "batch", "original_ms", "fwd_bwd_ms", "speedup_paired", "speedup_q1",
+                      ["bias_epsilon", "depth", "n", "batch", "original_ms", "fwd_bwd_ms", "speedup_paired", "speedup_q1",
                        "speedup_q3", "rounds"]].rename(columns={"fwd_bwd_ms": "vnt_ms"}).round(3)), ""]
         if "flop_ratio" in paired:
             lines += ["Where the speed-up comes from: FLOPs of one forward+backward (FlopCounterMode, written-out "

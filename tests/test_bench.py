@@ -194,11 +194,14 @@ def test_profile_step_reports_where_a_step_goes(tmp_path):
                           text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     meta = json.loads((tmp_path / "profile_l2_n16.meta.json").read_text())
-    assert meta["glibc_tunables"] == MALLOC_TUNABLES and meta["attn_kernel"] == "einsum"
-    assert set(meta["block_ms"]) == {"attention", "feed-forward", "layer norm"}
+    # its one attention layer is the first, folded on the factor: l2 with per-head key terms on SDPA's kernel
+    assert meta["glibc_tunables"] == MALLOC_TUNABLES and meta["attn_kernel"] == "flash"
+    # the tiny model has one layer: its attention is the first one, on proj_in's rank-1 factor
+    assert set(meta["block_ms"]) == {"attention, first layer (on proj_in's rank-1 factor)", "feed-forward",
+                                     "layer norm + residual"}
     assert all(v > 0 for v in meta["block_ms"].values()) and meta["step_ms"] > 0 and meta["fwd_bwd_gflop"] > 0
     md = (tmp_path / "profile_l2_n16.md").read_text()
-    assert "n 16, batch 1, bias_epsilon 1e-06, float32" in md and "| attention (one layer, alone) |" in md
+    assert "n 16, batch 1, bias_epsilon 1e-06, float32" in md and "| feed-forward (one, alone) |" in md
     assert "Self CPU" in md and "aten::" in md
     bad = subprocess.run([sys.executable, "-m", "bench.profile_step", "--rounds", "0"], cwd=ROOT,
                          capture_output=True, text=True, timeout=60)

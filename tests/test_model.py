@@ -79,6 +79,8 @@ def test_folded_attention_is_the_same_function(backend, fusion, eps):
     results = []
     for model in (m_proj, m_fold):
         out = model(coors, feats=feats, mask=mask)
+        # the first layer's input is proj_in's rank-1 embedding: folded, it runs on its factor
+        assert [layer[0].last_input_rank for layer in model.encoder.layers] == ([1, None] if model is m_fold else [None, None])
         out = torch.cat(out, dim=-1) if isinstance(out, tuple) else out
         grads = torch.autograd.grad(out[mask].pow(2).sum(), list(model.parameters()), allow_unused=True)
         results.append((out[mask], grads))

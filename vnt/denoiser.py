@@ -129,6 +129,8 @@ class ResidueVNTransformer(torch.nn.Module):
     Axes: b batch, L residues, a atoms (4), c coordinate rows, d channels.
     """
 
+    uses_child_weights = ("proj_in",)  # forward passes its weights to the encoder (see VNTransformer)
+
     def __init__(self, cfg: VNTransformerConfig):
         super().__init__()
         from vnt import layers
@@ -145,7 +147,7 @@ class ResidueVNTransformer(torch.nn.Module):
         x = torch.cat((coors, feats.masked_fill(~mask[..., None], 0.0)), dim=-1)       # (b, L a, 3 + f)
         x = rearrange(x, "b (L a) c -> b L c a", a=NUM_ATOMS)
         residue_mask = rearrange(mask, "b (L a) -> b L a", a=NUM_ATOMS).any(dim=-1)
-        x = self.encoder(self.proj_in(x), mask=residue_mask)
+        x = self.encoder(self.proj_in(x), mask=residue_mask, factors=self.proj_in.factors(x))
         out = self.proj_out(self.out_norm(x))[:, :, :3]                                 # (b, L, 3, a)
         return rearrange(out, "b L c a -> b (L a) c")
 

@@ -77,6 +77,12 @@ class VNLinear(nn.Module):
         check_features(x, self.weight.shape[1], "VNLinear")
         return F.linear(x, self.weight, self.effective_bias())
 
+    def factors(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(x, weight, bias): ``self(x)`` in factored form, for a block that can run on the narrower x
+        (``VNAttention``'s ``factors``). A module that passes them on from its forward reads this
+        layer's weights outside its forward: under ZeRO-3 it lists it in ``uses_child_weights``."""
+        return x, self.weight, self.effective_bias()
+
     def split(self, x: Tensor, parts: int) -> tuple[Tensor, ...]:
         """Same as ``self(x).chunk(parts, dim=-1)``, computed as ``parts`` GEMMs."""
         bias = self.effective_bias()
@@ -480,6 +486,14 @@ class VNAttention(nn.Module):
     attention the tied biases cancel in |q_i - q_j|^2. ``cfg.attn_fold=False`` forces the projected
     form (tests compare the two).
 
+    Low-rank input (``forward(x, factors=(s, w, b))``, x = s w^T + b): the models' first layer gets
+    ``proj_in``'s output, whose r input channels (1 for VNTransformer: the coordinates and fused
+    features are one channel; 4 for the residue denoiser's atoms) make x rank r over the channels.
+    With w and b composed into to_qkv's maps and bias, the folded form runs on s itself: inner
+    products over c * r features instead of c * dim_head, an output map of (h r) x dim, so the first
+    layer's attention costs about r / dim_head of a later one's. Same function and parameters (tested
+    against the projected form with the other layers); ``attn_fold=False`` switches it off too.
+
     Tied L2 attention written out (``Attend.tied_written_out``, and 2 dim_head < 3 dim) skips the fold
     of the queries: q = Wq x and y = (Wo Wv) x are written head-major per head (``head_linear``), the
     scores are q q^T, and Attend sums every head's attention over y in one GEMM (``sum_heads``): no
@@ -496,6 +510,9 @@ class VNAttention(nn.Module):
         if cfg.attn_fold and num_latents is not None:
             raise ValueError("attn_fold=True needs self attention (num_latents=None)")
         self.fold = num_latents is None and (dim <= dim_head if cfg.attn_fold is None else cfg.attn_fold)
+        # a low-rank input (``factors``): folded on its factor whatever dim, unless the fold is switched off
+        self.fold_factors = num_latents is None and cfg.attn_fold is not False
+        self.last_input_rank: int | None = None   # the factor rank the latest forward ran on (None: x itself)
         self.attend = Attend(backend=cfg.attn_backend, sdpa_kernels=cfg.sdpa_kernels,
                              l2_written_out_max_scores=cfg.l2_written_out_max_scores)
         self.to_latents = (VNWeightedPool(dim, num_pooled_tokens=num_latents, squeeze_out_pooled_dim=False)
@@ -514,8 +531,24 @@ class VNAttention(nn.Module):
             self.to_kv = VNLinear(dim, 2 * dim_inner, bias_epsilon=eps, maps=2)
         self.to_out = VNLinear(dim_inner, dim, bias_epsilon=eps)
 
-    def forward(self, x: Tensor, *, mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, *, mask: Tensor | None = None,
+                factors: tuple[Tensor, Tensor, Tensor | None] | None = None) -> Tensor:
+        """x (b, n, c, dim). ``factors`` = (s, w, bias) says that x = s @ w^T + bias, with s (b, n, c, r),
+        w (dim, r), bias (dim,) or None: a rank-r embedding (the model's ``proj_in`` output, r = its input
+        channels). Self attention then runs folded on s, with the maps composed with w and the bias
+        folded into theirs: the same function, on features r/dim as wide (see the class docstring)."""
         check_features(x, self.dim, "VNAttention", ndim=4)
+        self.last_input_rank = None
+        if factors is not None and self.fold_factors:
+            s, w_in, b_in = factors
+            r = w_in.shape[-1]
+            if s.shape != (*x.shape[:-1], r) or w_in.shape != (self.dim, r) or (b_in is not None and b_in.shape != (self.dim,)):
+                raise ValueError(f"VNAttention factors must be s (batch, points, coordinate axis, r), w ({self.dim}, r) "
+                                 f"and bias ({self.dim},) or None for x {tuple(x.shape)}, got s {tuple(s.shape)}, "
+                                 f"w {tuple(w_in.shape)}, bias {None if b_in is None else tuple(b_in.shape)}")
+            if r <= self.dim_head:
+                self.last_input_rank = r
+                return self._forward_folded(s, mask=mask, w_in=w_in, b_in=b_in)
         if self.fold:
             return self._forward_folded(x, mask=mask)
         # q, k, v share one parameter tensor; each is its own GEMM on a weight slice so that the
@@ -536,10 +569,18 @@ class VNAttention(nn.Module):
         out = self.attend(q, k, v, mask=mask)
         return self.to_out(rearrange(out, "b h n (c d) -> b n c (h d)", c=c))
 
-    def _forward_folded(self, x: Tensor, *, mask: Tensor | None) -> Tensor:
+    def _forward_folded(self, x: Tensor, *, mask: Tensor | None, w_in: Tensor | None = None,
+                        b_in: Tensor | None = None) -> Tensor:
+        """The folded form on x (b, n, c, d); with w_in (dim, d) and b_in, on the factor x of the input
+        x @ w_in^T + b_in: to_qkv's map and bias composed with them."""
         b, n, c, d = x.shape
         h, parts = self.heads, 2 if self.tied_qk else 3
-        w = rearrange(self.to_qkv.weight, "(p h e) d -> p h e d", h=h, p=parts)
+        w_qkv, bias = self.to_qkv.weight, self.to_qkv.effective_bias()
+        if w_in is not None:
+            if b_in is not None:
+                bias = w_qkv @ b_in if bias is None else bias + w_qkv @ b_in
+            w_qkv = w_qkv @ w_in
+        w = rearrange(w_qkv, "(p h e) d -> p h e d", h=h, p=parts)
         w_q, w_k, w_v = (w[0], w[0], w[1]) if self.tied_qk else w
         w_o = rearrange(self.to_out.weight, "d (h e) -> h e d", h=h)
         # tied L2 attention written out: the scores are q q^T with q = Wq x itself (Attend runs their
@@ -549,7 +590,7 @@ class VNAttention(nn.Module):
                 and self.attend.tied_written_out(scores=b * h * n * n, device=x.device))
         qk_map = None if tied else w_q.transpose(-1, -2) @ w_k     # (h, d, d): q.k = (x qk_map) . x
         vo_map = w_v.transpose(-1, -2) @ w_o                       # (h, d, d): x vo_map = Wo Wv x
-        bias, out_bias = self.to_qkv.effective_bias(), self.to_out.effective_bias()
+        out_bias = self.to_out.effective_bias()
         key_bias = k_sq = None
         if bias is not None:
             per_map = rearrange(bias, "(p h e) -> p h e", h=h, p=parts)
@@ -562,8 +603,8 @@ class VNAttention(nn.Module):
             # Attend sums the heads' attention over y in one GEMM over (head, key): no layout copies
             xs = rearrange(x, "b n c d -> b (n c) d")
             q = head_linear(xs, w_q.transpose(-1, -2)).view(b, h, n, c * self.dim_head)
-            y = head_linear(xs, vo_map).view(b, h, n, c * d)
-            out = self.attend(q, q, y, mask=mask, scale=(c * self.dim_head) ** -0.5, sum_heads=True).view(b, n, c, d)
+            y = head_linear(xs, vo_map).view(b, h, n, c * self.dim)
+            out = self.attend(q, q, y, mask=mask, scale=(c * self.dim_head) ** -0.5, sum_heads=True).view(b, n, c, self.dim)
             return out if out_bias is None else out + out_bias
         if self.tied_qk:  # L2 attention: |q_j|^2 = sum_c x_jc qk_map x_jc = <qk_map, x_j^T x_j>, per head
             gram = torch.matmul(x.transpose(-1, -2), x)               # (b, n, d, d)
@@ -621,12 +662,15 @@ class VNTransformerEncoder(nn.Module):
         ])
         self.norm = VNLayerNorm(cfg.dim, subtract_mean=cfg.norm_subtract_mean) if cfg.final_norm else nn.Identity()
 
-    def forward(self, x: Tensor, *, mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, *, mask: Tensor | None = None,
+                factors: tuple[Tensor, Tensor, Tensor | None] | None = None) -> Tensor:
+        """``factors`` (s, w, bias): x = s @ w^T + bias, a rank-r embedding; the first attention layer runs
+        on s (``VNAttention.forward``). The models pass their ``proj_in`` input and weights."""
         if x.ndim != 4 or x.shape[-2:] != (self.dim_coor, self.dim):
             raise ValueError(f"expected x of shape (batch, points, dim_coor, dim) = (batch, points, {self.dim_coor}, "
                              f"{self.dim}), got {tuple(x.shape)}")
-        for attn, attn_norm, ff, ff_norm in self.layers:
-            x = attn_norm(attn(x, mask=mask), residual=x)
+        for k, (attn, attn_norm, ff, ff_norm) in enumerate(self.layers):
+            x = attn_norm(attn(x, mask=mask, factors=factors if k == 0 else None), residual=x)
             x = ff_norm(ff(x), residual=x)
         return self.norm(x)
 

@@ -110,6 +110,10 @@ class VNTransformer(nn.Module):
     ``VNTransformerConfig`` field.
     """
 
+    # forward passes proj_in's weights to the first attention layer (``VNLinear.factors``): a ZeRO-3
+    # trainer gathers them for this module's forward (vnt.train registers them as external parameters)
+    uses_child_weights = ("proj_in",)
+
     def __init__(self, *, dim: int, depth: int, flash_attn: bool = False, l2_dist_attn: bool = False,
                  attn_backend: str | None = None, **kwargs):
         super().__init__()
@@ -184,8 +188,8 @@ class VNTransformer(nn.Module):
                 feats = feats.masked_fill(~valid, 0.0)
             x = torch.cat((x, feats), dim=-1)
 
-        x = self.proj_in(rearrange(x, "b n c -> b n c 1"))
-        x = self.encoder(x, mask=mask)
+        s = rearrange(x, "b n c -> b n c 1")
+        x = self.encoder(self.proj_in(s), mask=mask, factors=self.proj_in.factors(s))
 
         if cfg.reduce_dim_out:
             x = rearrange(self.proj_out(self.out_norm(x)), "b n c 1 -> b n c")

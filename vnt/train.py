@@ -120,13 +120,17 @@ def peak_memory_mib(device: torch.device) -> float:
 def register_zero3_external_parameters(model: torch.nn.Module) -> int:
     """ZeRO-3 gathers a module's own parameters for its forward. vnt blocks that compute with their
     children's weights (``uses_child_weights``: the composed feed-forward map, the folded attention
-    maps) get those registered as external parameters, so the folded forms stay under ZeRO-3."""
+    maps; True for every child, or the names of those it reads, such as the models' ``proj_in``, whose
+    weights the first attention layer folds) get those registered as external parameters, so the
+    folded forms stay under ZeRO-3."""
     import deepspeed
 
     count = 0
     for module in model.modules():
-        if getattr(module, "uses_child_weights", False):
-            for child in module.children():
+        uses = getattr(module, "uses_child_weights", False)
+        if uses:
+            children = module.children() if uses is True else (module.get_submodule(name) for name in uses)
+            for child in children:
                 for p in child.parameters():
                     deepspeed.zero.register_external_parameter(module, p)
                     count += 1
