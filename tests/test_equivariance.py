@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from models import BACKENDS, FUSION, backend_kw, inputs, small_model
-from vnt import PAPER_NORMS, VNTransformer, equivariance_error, rounding_floor
+from vnt import PAPER_NORMS, VNTransformer, equivariance_error, layers, rounding_floor
 from vnt.equivariance import DTYPE_TOLERANCES
 from vnt.rotations import euler_rotation, random_rotations, rot
 
@@ -141,6 +141,12 @@ def test_rounding_floor_rounds_only_what_it_says():
     assert exact < 1e-12
     assert 1e-9 < f32_in < f32_act < 1e-4
     assert bf16_act > 1e3 * f32_act
+    # a layer norm's residual sum is not rounded, only the norm (the block's own output)
+    from vnt.equivariance import _rounding_hook
+    norm = layers.VNLayerNorm(8).double()
+    a, r = torch.randn(2, 5, 3, 8, dtype=torch.float64), torch.randn(2, 5, 3, 8, dtype=torch.float64)
+    norm.register_forward_hook(_rounding_hook(torch.bfloat16), with_kwargs=True)
+    torch.testing.assert_close(norm(a, residual=r), norm(a).to(torch.bfloat16).double() + r, rtol=0, atol=1e-15)
     # the model itself is left as it was: float32, no hooks
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert not any(m._forward_hooks for m in model.modules())

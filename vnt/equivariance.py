@@ -127,6 +127,18 @@ def _vn_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     return blocks
 
 
+def _rounding_hook(dtype: torch.dtype):
+    """A forward hook that rounds a VN block's own output to ``dtype``. A layer norm called with a
+    ``residual`` returns norm + residual: only the norm is the block's output (the sum is not stored
+    in ``dtype`` by the model: a float32 residual plus a bfloat16 norm is float32), so only it is rounded."""
+    def hook(module, args, kwargs, out):
+        residual = kwargs.get("residual")
+        if residual is None:
+            return out.to(dtype).to(torch.float64)
+        return module._norm(args[0]).to(dtype).to(torch.float64) + residual
+    return hook
+
+
 def rounding_floor(model, coors: Tensor, *, feats: Tensor | None = None, mask: Tensor | None = None,
                    dtype: torch.dtype = torch.float32, activations: bool = False, **kwargs) -> EquivarianceError:
     """The equivariance error that rounding to ``dtype`` alone causes, with exact arithmetic otherwise.
@@ -140,9 +152,7 @@ def rounding_floor(model, coors: Tensor, *, feats: Tensor | None = None, mask: T
     """
     ref = copy.deepcopy(model).to(torch.float64)  # a throwaway copy: its hooks go with it
     if activations:
-        def round_output(module, args, out):
-            return out.to(dtype).to(torch.float64)
         for block in _vn_blocks(ref):
-            block.register_forward_hook(round_output)
+            block.register_forward_hook(_rounding_hook(dtype), with_kwargs=True)
     feats64 = feats.to(dtype).to(torch.float64) if feats is not None and feats.is_floating_point() else feats
     return equivariance_error(ref, coors, feats=feats64, mask=mask, input_dtype=dtype, **kwargs)
