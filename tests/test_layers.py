@@ -95,23 +95,34 @@ def test_vn_relu_hand_written_backward_is_autograds(slope, floor, fused, monkeyp
         assert layers._relu_backward_fused.compiled is not None and layers._relu_backward_fused.error is None
 
 
+def fused_then_eager(monkeypatch, run, *, min_numel: int) -> tuple[list, list]:
+    """``run(batch)`` at batch 2 and 1 (the points are flattened, so batch size does not recompile) with
+    vnt's fused kernels on from ``min_numel`` elements, then off, the same seed each time: (fused, eager)."""
+    monkeypatch.setattr(kernels, "MIN_NUMEL", min_numel)
+    results = []
+    for fused in (True, False):
+        monkeypatch.setattr(kernels, "_enabled", fused)
+        torch.manual_seed(0)
+        results.append([run(b) for b in (2, 1)])
+    return results[0], results[1]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_fused_vn_relu_is_the_eager_one_on_model_sized_inputs(dtype, monkeypatch):
     """The fused kernels against the eager passes at a feed-forward's shape (batch 1 and 2: the
     points are flattened, so batch size does not recompile), values and gradients to rounding."""
     relu = layers.VNReLU(64).to(dtype)
-    monkeypatch.setattr(kernels, "MIN_NUMEL", 50_000)  # below both batch sizes (56k and 113k elements): fused
-    results = []
-    for fused in (True, False):
-        monkeypatch.setattr(kernels, "_enabled", fused)
-        torch.manual_seed(0)
-        for b in (2, 1):
-            qk = torch.randn(b, 40, 11, 128, dtype=dtype, requires_grad=True)
-            g = torch.randn(b, 40, 11, 64, dtype=dtype)
-            out = relu.activate(qk)
-            results.append((out.detach(), torch.autograd.grad(out, qk, g)[0]))
+
+    def run(b):
+        qk = torch.randn(b, 40, 11, 128, dtype=dtype, requires_grad=True)
+        g = torch.randn(b, 40, 11, 64, dtype=dtype)
+        out = relu.activate(qk)
+        return out.detach(), torch.autograd.grad(out, qk, g)[0]
+
+    # MIN_NUMEL below both batch sizes (56k and 113k elements): fused
+    fused, eager = fused_then_eager(monkeypatch, run, min_numel=50_000)
     tol = {torch.float32: 1e-5, torch.float64: 1e-12}[dtype]
-    for (out_f, grad_f), (out_e, grad_e) in zip(results[:2], results[2:]):
+    for (out_f, grad_f), (out_e, grad_e) in zip(fused, eager):
         torch.testing.assert_close(out_f, out_e, rtol=tol, atol=tol)
         torch.testing.assert_close(grad_f, grad_e, rtol=tol, atol=tol)
 
@@ -124,22 +135,21 @@ def test_fused_layer_norm_residual_is_the_eager_one(dtype, monkeypatch):
     norm = layers.VNLayerNorm(64).to(dtype)
     with torch.no_grad():
         norm.gamma.uniform_(0.5, 1.5)
-    monkeypatch.setattr(kernels, "MIN_NUMEL", 20_000)  # below both batch sizes (28k and 56k elements): fused
-    results = []
-    for fused in (True, False):
-        monkeypatch.setattr(kernels, "_enabled", fused)
-        torch.manual_seed(0)
-        for b in (2, 1):
-            x = torch.randn(b, 40, 11, 64, dtype=dtype, requires_grad=True)
-            r = torch.randn(b, 40, 11, 64, dtype=dtype, requires_grad=True)
-            g = torch.randn(b, 40, 11, 64, dtype=dtype)
-            out = norm(x, residual=r)
-            results.append((out.detach(), *torch.autograd.grad(out, (x, r, norm.gamma), g)))
+
+    def run(b):
+        x = torch.randn(b, 40, 11, 64, dtype=dtype, requires_grad=True)
+        r = torch.randn(b, 40, 11, 64, dtype=dtype, requires_grad=True)
+        g = torch.randn(b, 40, 11, 64, dtype=dtype)
+        out = norm(x, residual=r)
+        return out.detach(), *torch.autograd.grad(out, (x, r, norm.gamma), g)
+
+    # MIN_NUMEL below both batch sizes (28k and 56k elements): fused
+    fused, eager = fused_then_eager(monkeypatch, run, min_numel=20_000)
     for kernel in (layers._rms_norm_residual_fused, layers._rms_norm_backward_fused):
         assert kernel.compiled is not None and kernel.error is None
     tol = {torch.float32: 1e-5, torch.float64: 1e-12}[dtype]
-    for fused, eager in zip(results[:2], results[2:]):
-        for got, want in zip(fused, eager):
+    for fused_row, eager_row in zip(fused, eager):
+        for got, want in zip(fused_row, eager_row):
             torch.testing.assert_close(got, want, rtol=tol, atol=tol * want.abs().max().item())
     monkeypatch.setattr(kernels, "_enabled", True)
     x = torch.randn(1, 40, 11, 64, dtype=dtype)
