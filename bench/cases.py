@@ -18,7 +18,7 @@ class Case:
     fusion: bool = True             # early fusion of dim_feat features
     impl: str = "vnt"               # "vnt" | "original" (the VN-transformer 0.1.0 package)
     group: str = "grid"             # which question the row answers: grid | readme | length | fusion_off | ...
-    attn_fold: bool | None = None   # vnt's folded attention; None: the model's default (dim <= dim_head)
+    attn_fold: bool | None = None   # the kernel plan's fold for vnt's attention; None: the plan's default (dim <= dim_head)
     norms: str = "vnt"              # vnt's VN-LayerNorm / VN-ReLU, or "paper": the paper's (vnt.PAPER_NORMS)
     compile: bool = False           # torch.compile(model) (inductor), timed after its compilation
     dim: int = 64
@@ -50,7 +50,7 @@ README = dict(dim=64, depth=2, heads=8, dim_head=64, dim_feat=64, batch=2, n=128
 README_EPS0 = {**README, "bias_epsilon": 0.0}
 # the headline speed-ups over the original: (label, config); each is timed paired, per backend
 # depth6: the README example three times as deep. vnt's first attention layer runs on proj_in's rank-1
-# factor (VNAttention's factors), nearly free, so a depth-2 model gains more from it than a deeper one
+# factor (the encoder's first layer), nearly free, so a depth-2 model gains more from it than a deeper one
 PAIRED = {"readme": README, "readme-eps0": README_EPS0, "n512": {**README, "n": 512, "batch": 1},
           "depth6": {**README, "depth": 6}}
 LONG_PAIRED = ("n512", "depth6")  # the original's step takes seconds there: the profile's long_rounds
@@ -76,7 +76,7 @@ def quick_cases() -> list[Case]:
     readme_eps0: the same at eps 0
     length:      float32 length sweep per backend at the small config (speed and memory vs n)
     fusion_off:  the small config without early fusion
-    fold_off:    the README configuration with vnt's attention in projected form (attn_fold=False)
+    fold_off:    the README configuration with vnt's attention in projected form (the plan's fold=False)
     compile:     the README configuration under torch.compile (inductor), every backend
     bf16:        the README configuration under bfloat16 autocast, every backend
     attn_memory: a tiny model whose step memory is dominated by attention (math: n^2; sdpa: n)

@@ -1,6 +1,6 @@
 """Long sequences under a memory limit: one training step (forward + backward) per backend and
 length in a fresh process. After the model and inputs are built and one step has run at 8 points
-(compiling vnt's fused kernels, vnt.kernels), the process's address space is capped (RLIMIT_AS) at
+(compiling vnt's fused kernels, vnt.fast.kernels), the process's address space is capped (RLIMIT_AS) at
 its size then plus the limit, so an allocation that would take the step past
 the limit fails there as out-of-memory. The quadratic attention matrix of the written-out `math`
 path runs out where the SDPA kernels (sdpa, l2) train on.

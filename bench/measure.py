@@ -35,11 +35,13 @@ def build(case: Case, device: str = "cpu", *, seed: int = 0):
         from VN_transformer import VNTransformer as Original
         model = Original(**kw, flash_attn=case.backend == "sdpa", l2_dist_attn=case.backend == "l2")
     else:
-        from vnt import PAPER_NORMS, VNTransformer
+        from vnt import PAPER_NORMS, VNTransformer, fast
         if case.norms not in ("vnt", "paper"):
             raise ValueError(f"Case.norms must be 'vnt' or 'paper', got {case.norms!r}")
         norms = PAPER_NORMS if case.norms == "paper" else {}
-        model = VNTransformer(**kw, attn_backend=case.backend, attn_fold=case.attn_fold, **norms)
+        model = VNTransformer(**kw, attn_backend=case.backend, **norms)
+        if case.attn_fold is not None:  # the kernel plan's fold setting, for this model's forwards
+            model = fast.planned(model, fold=case.attn_fold)
     model = model.to(device)
     if case.compile:
         model = torch.compile(model)
@@ -144,10 +146,10 @@ def reference_check(case: Case, device: str) -> float:
     folding with the l2 backend's, whichever of its paths runs)."""
     if case.impl != "vnt" or case.backend == "math":
         return 0.0
-    from vnt import VNTransformer
+    from vnt import VNTransformer, fast
     model, coors, feats = build(dataclasses.replace(case, compile=False), device)
-    ref_config = {"attn_backend": "l2_math", "attn_fold": False} if case.backend == "l2" else {"attn_backend": "math"}
-    ref = VNTransformer(**{**model.config.to_dict(), **ref_config}).to(device)
+    ref = VNTransformer(**{**model.config.to_dict(), "attn_backend": "l2_math" if case.backend == "l2" else "math"})
+    ref = fast.planned(ref.to(device), fold=False) if case.backend == "l2" else ref.to(device)
     ref.load_state_dict(model.state_dict())
     with torch.no_grad():
         a, b = model(coors, feats=feats), ref(coors, feats=feats)
@@ -182,7 +184,7 @@ def peak_memory_mib(case: Case, device: str) -> tuple[float, str]:
 
 def step_peak_memory_mib(fb, device: str) -> tuple[float, str]:
     """Peak memory of one call of the step ``fb``, which has run at least once (one-time costs, such
-    as vnt.kernels compiling its fused kernels, stay out), and the method's name (module docstring)."""
+    as vnt.fast.kernels compiling its fused kernels, stay out), and the method's name (module docstring)."""
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()

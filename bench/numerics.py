@@ -32,7 +32,7 @@ OUT = Path(__file__).parents[1] / "results" / "numerics"
 TARGET = 1e-5  # the float32 target at depth 4 / n = 256
 
 
-# depth 4, n = 256: the float32 check; dim 32 > dim_head 16, so attn_fold=None is projected
+# depth 4, n = 256: the float32 check; dim 32 > dim_head 16, so the default plan runs it projected
 DEEP = dict(dim=32, depth=4, heads=4, dim_head=16, dim_feat=16, n=256, batch=2, group="numerics")
 NUM_ROTATIONS = 2
 

@@ -48,6 +48,8 @@ def main(argv=None) -> int:
 
     import torch
     from torch.profiler import ProfilerActivity, profile
+
+    from vnt import fast
     from torch.utils.flop_counter import FlopCounterMode
 
     from bench.cases import TINY, Case
@@ -64,10 +66,13 @@ def main(argv=None) -> int:
     x = torch.randn(case.batch, case.n, model.config.dim_coor_total, case.dim, requires_grad=True)
     other = torch.randn_like(x)
     grad = torch.randn_like(x)
-    # the first layer's attention runs on proj_in's rank-1 factor (VNAttention's factors), the later ones on x
+    # the first layer's attention runs on the input embedding's rank-1 factor, the later ones on x
     s = torch.randn(case.batch, case.n, model.config.dim_coor_total, 1)
+    proj_in = model.encoder.proj_in
+    embed = (lambda: fast.folded_attention(s, mask=None, embed=(proj_in.weight, proj_in.effective_bias()),
+                                          **attn.folded_maps()))
     blocks_run = {
-        "attention, first layer (on proj_in's rank-1 factor)": (lambda: attn(x, factors=model.proj_in.factors(s)), 1),
+        "attention, first layer (on the embedding's rank-1 factor)": (embed, 1),
         "attention, a later layer": (lambda: attn(x), case.depth - 1),
         "feed-forward": (lambda: ff(x), case.depth),
         "layer norm + residual": (lambda: norm(x, residual=other), 2 * case.depth),

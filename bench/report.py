@@ -192,7 +192,7 @@ def render(out_dir: Path = RESULTS) -> None:
                   _table(length.pivot_table(index="n", columns="backend", values="peak_mem_mib").round(1)), ""]
         if "attn_kernel" in length:
             lines += ["The attention kernel that ran (`einsum`: written out; l2 runs written out on a CPU while "
-                      "batch x heads x n^2 <= `l2_written_out_max_scores`, 2^21 by default):", "",
+                      "batch x heads x n^2 <= the kernel plan's `l2_written_out_max_scores`, 2^21 by default):", "",
                       _table(length.pivot_table(index="n", columns="backend", values="attn_kernel",
                                                 aggfunc="first")), ""]
     attn = ok[ok["group"] == "attn_memory"]

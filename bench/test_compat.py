@@ -1,5 +1,5 @@
 """The cost of the original's layout: vnt's public VNTransformerEncoder ((b, n, dim, c), one
-transpose in and one out) against the channels-last encoder it wraps (vnt.layers), same weights.
+transpose in and one out) against the channels-last encoder it wraps (vnt.model), same weights.
 
 Steps of the two alternate in one process; the row reports the median and quartiles of the
 per-pair time ratios (public / channels-last) at the README configuration.
@@ -16,7 +16,8 @@ from bench.measure import quartiles, time_fn
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_compat_layout_overhead(backend, benchmark, profile, rows):
     from bench.conftest import device
-    from vnt import VNTransformerConfig, VNTransformerEncoder, layers
+    from vnt import VNTransformerConfig, VNTransformerEncoder
+    from vnt.model import VNTransformerEncoder as ChannelsLastEncoder
 
     dev = device()
     case = Case(backend=backend, group="compat", **profile["readme"])
@@ -24,7 +25,7 @@ def test_compat_layout_overhead(backend, benchmark, profile, rows):
     torch.manual_seed(0)
     public = VNTransformerEncoder(case.dim, depth=case.depth, dim_head=case.dim_head, heads=case.heads, dim_coor=c,
                                   attn_backend=backend).to(dev)
-    fast = layers.VNTransformerEncoder(VNTransformerConfig(dim=case.dim, depth=case.depth, dim_head=case.dim_head,
+    fast = ChannelsLastEncoder(VNTransformerConfig(dim=case.dim, depth=case.depth, dim_head=case.dim_head,
                                                            heads=case.heads, dim_coor=c, attn_backend=backend)).to(dev)
     fast.load_state_dict(public.state_dict())
     x = torch.randn(case.batch, case.n, case.dim, c, device=dev)

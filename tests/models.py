@@ -1,29 +1,32 @@
 """Small models and inputs shared by the model tests."""
+import contextlib
+
 import torch
 
-from vnt import VNTransformer, VNTransformerConfig
+from vnt import VNTransformer, fast
 
 BACKENDS = ["math", "sdpa", "l2", "l2_math"]
 FUSION = {"fusion_off": None, "fusion_on": 8}
 
 
 def backend_kw(backend) -> dict:
-    """VNTransformer options for a test backend name: a backend, or "l2_fused", l2 on the fused kernels
-    at every size (a budget of 0 written-out scores; within the default budget, l2 on a CPU runs
-    written out with tied keys)."""
-    if backend == "l2_fused":
-        return {"attn_backend": "l2", "l2_written_out_max_scores": 0}
-    return {"attn_backend": backend}
+    """VNTransformer options for a test backend name: a backend, or "l2_fused" (l2; see plan_kw)."""
+    return {"attn_backend": "l2" if backend == "l2_fused" else backend}
 
 
-def small_model(backend, dim_feat=None, dtype=torch.float64, **kw):
+def plan_kw(backend, fold=None) -> dict:
+    """Kernel-plan changes for a test backend name and fold choice: "l2_fused" is l2 on the fused
+    kernels at every size (a budget of 0 written-out scores; within the default budget, l2 on a CPU
+    runs written out with tied keys); fold True / False forces folded / projected attention."""
+    changes = {"l2_written_out_max_scores": 0} if backend == "l2_fused" else {}
+    if fold is not None:
+        changes["fold"] = fold
+    return changes
+
+
+def small_model(backend, dim_feat=None, dtype=torch.float64, fold=None, **kw):
     kw = {"dim": 16, "depth": 2, "dim_head": 8, "heads": 2, **backend_kw(backend), **kw}
-    return VNTransformer(dim_feat=dim_feat, **kw).to(dtype)
-
-
-def block_cfg(dim, **kw) -> VNTransformerConfig:
-    """The config vnt.layers' composite blocks take (depth is the encoder's, unused by a block)."""
-    return VNTransformerConfig(dim=dim, depth=1, **kw)
+    return fast.planned(VNTransformer(dim_feat=dim_feat, **kw).to(dtype), **plan_kw(backend, fold))
 
 
 def inputs(b=3, n=20, dim_feat=None, dtype=torch.float64, pad=True):
@@ -41,3 +44,21 @@ def inputs(b=3, n=20, dim_feat=None, dtype=torch.float64, pad=True):
 def rotate(x, rot):
     """VN features (b, n, c, d) rotated on their coordinate axis."""
     return torch.einsum("b n c d, e c -> b n e d", x, rot)
+
+
+@contextlib.contextmanager
+def folded_calls():
+    """The channel width of the input of every ``vnt.fast.folded_attention`` call in the block (1 for
+    the first layer folded on the input embedding's rank-1 factor, dim for a later folded layer)."""
+    calls: list[int] = []
+    original = fast.folded_attention
+
+    def spy(x, **kw):
+        calls.append(x.shape[-1])
+        return original(x, **kw)
+
+    fast.folded_attention = spy
+    try:
+        yield calls
+    finally:
+        fast.folded_attention = original

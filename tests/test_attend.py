@@ -1,10 +1,12 @@
-"""vnt.attend.Attend: every backend against the written-out reference, key terms on the fused
+"""vnt.fast.Attend: every backend against the written-out reference, key terms on the fused
 kernels, shared keys, the L2 formula, kernel choice."""
 import pytest
 import torch
 
 from models import BACKENDS
-from vnt.attend import Attend
+from vnt import fast
+from vnt.fast import Attend
+from vnt.fast.attend import _SelfGram, _SumHeads
 
 
 def qkv(b=2, h=3, n=10, e=16, shared=False):
@@ -105,22 +107,28 @@ def test_bad_backend_or_kernels_fail_at_construction():
 @pytest.mark.parametrize("key_bias", [False, True], ids=["no_key_bias", "key_bias"])
 @pytest.mark.parametrize("shared_v", [False, True], ids=["per_head_values", "shared_values"])
 def test_tied_l2_written_out_is_the_l2_formula_and_its_gradient(shared_v, key_bias):
-    """Keys that are the queries (``k is q``) on a CPU within the budget: scores q q^T with a one-GEMM
-    backward and -|k_j|^2 from their diagonal. Outputs and gradients of q, v and the key term equal the
-    cdist formula (float64), the same as the fused kernels' path (budget 0), for l2 and l2_math."""
+    """``tied_l2(q, v)`` (keys that are the queries) on a CPU within the budget: scores q q^T with a
+    one-GEMM backward and -|k_j|^2 from their diagonal. Outputs and gradients of q and v equal the
+    cdist formula (float64), the same as the fused kernels' path (budget 0), for l2 and l2_math; the
+    generic call with k = q and a key term is the formula too."""
     q, _, v, mask = qkv(shared=shared_v)
     bias = torch.randn(2, 3, 10, dtype=torch.float64) if key_bias else None
     results = {}
     for name, attend in {"l2": Attend(backend="l2"), "l2_math": Attend(backend="l2_math"),
-                         "l2_fused": Attend(backend="l2", l2_written_out_max_scores=0)}.items():
+                         "l2_fused": Attend(backend="l2")}.items():
         leaves = [t.clone().requires_grad_(True) for t in (q, v) + ((bias,) if key_bias else ())]
-        out = attend(leaves[0], leaves[0], leaves[1], mask=mask, scale=0.3, key_bias=leaves[2] if key_bias else None)
+        with fast.configure(l2_written_out_max_scores=0 if name == "l2_fused" else 2 ** 21):
+            if key_bias:
+                out = attend(leaves[0], leaves[0], leaves[1], mask=mask, scale=0.3, key_bias=leaves[2])
+            else:
+                out = attend.tied_l2(leaves[0], leaves[1], mask=mask, scale=0.3)
         grads = torch.autograd.grad(out.square().sum(), leaves)
         results[name] = (out, grads, attend.last_kernel)
     leaves = [t.clone().requires_grad_(True) for t in (q, v) + ((bias,) if key_bias else ())]
     expect = reference(leaves[0], leaves[0], leaves[1], mask, 0.3, l2=True, key_bias=leaves[2] if key_bias else None)
     expect_grads = torch.autograd.grad(expect.square().sum(), leaves)
-    assert results["l2"][2] == results["l2_math"][2] == "einsum" and results["l2_fused"][2] != "einsum"
+    assert results["l2_math"][2] == "einsum" and results["l2_fused"][2] != "einsum"
+    assert results["l2"][2] == ("einsum" if not key_bias else results["l2_fused"][2])
     for out, grads, _ in results.values():
         torch.testing.assert_close(out, expect)
         for g, e in zip(grads, expect_grads):
@@ -128,18 +136,16 @@ def test_tied_l2_written_out_is_the_l2_formula_and_its_gradient(shared_v, key_bi
 
 
 def test_self_gram_backward_is_the_gradient_of_q_q_transposed():
-    from vnt.attend import _SelfGram
     q = torch.randn(2, 3, 5, 4, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(_SelfGram.apply, (q,))
 
 
 @pytest.mark.parametrize("rows", [256, 257, 301], ids=lambda r: f"rows{r}")
 def test_self_gram_upper_blocks_are_the_whole_product(rows):
-    """From SYMMETRIC_GRAM_MIN_ROWS rows on a CPU, only the blocks on and above the diagonal are
+    """From the plan's symmetric_gram_min_rows on a CPU, only the blocks on and above the diagonal are
     multiplied and the rest copied from their transposes: every entry equals q q^T (float64; row counts
     that do and do not split evenly into the blocks), and gradcheck passes."""
-    from vnt.attend import SYMMETRIC_GRAM_MIN_ROWS, _SelfGram
-    assert rows >= SYMMETRIC_GRAM_MIN_ROWS
+    assert rows >= fast.current().symmetric_gram_min_rows
     q = torch.randn(2, 1, rows, 3, dtype=torch.float64)
     out = _SelfGram.apply(q)
     torch.testing.assert_close(out, q @ q.transpose(-1, -2), rtol=1e-12, atol=1e-12)
@@ -151,7 +157,6 @@ def test_self_gram_upper_blocks_are_the_whole_product(rows):
 def test_sum_heads_backward_is_the_gradient_of_the_head_sum():
     """_SumHeads (sum_h attn_h v_h as one GEMM; dv per head on a shared output gradient): gradcheck in
     float64 for both inputs, over two samples so the per-sample loop of its backward is covered."""
-    from vnt.attend import _SumHeads
     attn = torch.rand(2, 3, 5, 6, dtype=torch.float64, requires_grad=True)
     v = torch.randn(2, 3, 6, 4, dtype=torch.float64, requires_grad=True)
     torch.testing.assert_close(_SumHeads.apply(attn, v), (attn @ v).sum(dim=1))
@@ -160,22 +165,27 @@ def test_sum_heads_backward_is_the_gradient_of_the_head_sum():
 
 def test_tied_l2_runs_written_out_only_within_the_budget_on_a_cpu():
     """l2: written out while batch x heads x i x j <= the budget, on the fused kernels beyond it (their
-    memory is O(n)); l2_math always written out; a negative budget fails at construction."""
-    attend = Attend(backend="l2", l2_written_out_max_scores=2 * 3 * 10 * 10)
+    memory is O(n)); l2_math always written out; a negative budget is a ValueError; tied_l2 needs an
+    L2 backend."""
+    attend = Attend(backend="l2")
     q, _, v, _ = qkv()
-    attend(q, q, v)
-    assert attend.last_kernel == "einsum"
-    q11 = torch.randn(2, 3, 11, 16, dtype=torch.float64)
-    attend(q11, q11, torch.randn(2, 3, 11, 16, dtype=torch.float64))
-    assert attend.last_kernel != "einsum"
+    with fast.configure(l2_written_out_max_scores=2 * 3 * 10 * 10):
+        attend.tied_l2(q, v)
+        assert attend.last_kernel == "einsum"
+        q11 = torch.randn(2, 3, 11, 16, dtype=torch.float64)
+        attend.tied_l2(q11, torch.randn(2, 3, 11, 16, dtype=torch.float64))
+        assert attend.last_kernel != "einsum"
     cpu = torch.device("cpu")
-    assert Attend(backend="l2_math", l2_written_out_max_scores=0).tied_written_out(scores=10 ** 9, device=cpu)
+    with fast.configure(l2_written_out_max_scores=0):
+        assert Attend(backend="l2_math").tied_written_out(scores=10 ** 9, device=cpu)
     assert not Attend(backend="l2").tied_written_out(scores=2 ** 21 + 1, device=cpu)
     assert Attend(backend="l2").tied_written_out(scores=2 ** 21, device=cpu)
     assert not Attend(backend="l2").tied_written_out(scores=1, device=torch.device("meta"))
     assert not Attend(backend="sdpa").tied_written_out(scores=1, device=cpu)
     with pytest.raises(ValueError, match="l2_written_out_max_scores"):
-        Attend(backend="l2", l2_written_out_max_scores=-1)
+        fast.configure(l2_written_out_max_scores=-1)
+    with pytest.raises(ValueError, match="needs an L2 backend"):
+        Attend(backend="sdpa").tied_l2(q, v)
 
 
 def test_tied_l2_written_out_under_bf16_autocast_with_float32_queries():
@@ -184,7 +194,7 @@ def test_tied_l2_written_out_under_bf16_autocast_with_float32_queries():
     q = torch.randn(2, 3, 10, 16, requires_grad=True)
     v = torch.randn(2, 1, 10, 16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = Attend(backend="l2")(q, q, v)
+        out = Attend(backend="l2").tied_l2(q, v)
     grad, = torch.autograd.grad(out.float().square().sum(), q)
     ref = reference(q, q, v, torch.ones(2, 10, dtype=torch.bool), 16 ** -0.5, l2=True)
     ref_grad, = torch.autograd.grad(ref.square().sum(), q)
@@ -192,22 +202,21 @@ def test_tied_l2_written_out_under_bf16_autocast_with_float32_queries():
     assert (grad - ref_grad).abs().max() <= 0.05 * ref_grad.abs().max()  # bfloat16 has 8 significant bits
 
 
-@pytest.mark.parametrize("backend", [*BACKENDS, "l2_fused"])
+@pytest.mark.parametrize("backend", ["l2", "l2_math", "l2_fused"])
 def test_sum_heads_is_the_sum_of_the_heads_outputs(backend):
-    """sum_heads=True (values per head, already mapped to the output) returns sum_h attn_h v_h: on the
-    written-out paths one GEMM over (head, key) pairs, on SDPA the heads' outputs summed; gradients too.
-    The L2 backends get tied keys (k is q): l2 and l2_math take the tied written-out path."""
-    q, k, v, mask = qkv()
-    kw = {"backend": "l2", "l2_written_out_max_scores": 0} if backend == "l2_fused" else {"backend": backend}
+    """tied_l2(sum_heads=True) (values per head, already mapped to the output) returns sum_h attn_h v_h:
+    written out one GEMM over (head, key) pairs, on SDPA the heads' outputs summed; gradients too."""
+    q, _, v, mask = qkv()
+    attend = Attend(backend="l2" if backend == "l2_fused" else backend)
     results = []
-    for sum_heads in (True, False):
-        leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
-        keys = leaves[0] if backend.startswith("l2") else leaves[1]
-        out = Attend(**kw)(leaves[0], keys, leaves[2], mask=mask, scale=0.3, sum_heads=sum_heads)
-        out = out if sum_heads else out.sum(dim=1)
-        results.append((out, *torch.autograd.grad(out.square().sum(), [leaves[0], leaves[2]])))
+    with fast.configure(l2_written_out_max_scores=0 if backend == "l2_fused" else 2 ** 21):
+        for sum_heads in (True, False):
+            leaves = [t.clone().requires_grad_(True) for t in (q, v)]
+            out = attend.tied_l2(leaves[0], leaves[1], mask=mask, scale=0.3, sum_heads=sum_heads)
+            out = out if sum_heads else out.sum(dim=1)
+            results.append((out, *torch.autograd.grad(out.square().sum(), leaves)))
+        with pytest.raises(ValueError, match="values per head"):
+            attend.tied_l2(q, v[:, :1], sum_heads=True)
     assert results[0][0].shape == (2, 10, 16)
     for a, b in zip(*results):
         torch.testing.assert_close(a, b)
-    with pytest.raises(ValueError, match="values per head"):
-        Attend(**kw)(q, k, v[:, :1], sum_heads=True)

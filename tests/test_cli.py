@@ -19,11 +19,9 @@ def usage_error(main, argv, capsys) -> str:
 
 def test_values_are_typed_by_the_annotations():
     cfg, _ = train.config_from_args(["--model-ff-mult", "2.5", "--optim-betas", "0.8,0.9", "--run-bf16", "true",
-                                     "--model-dim-feat", "none", "--model-num-tokens", "none",
-                                     "--model-sdpa-kernels", "math", "--model-l2-written-out-max-scores", "0"])
+                                     "--model-dim-feat", "none", "--model-num-tokens", "none"])
     assert cfg.model.ff_mult == 2.5 and cfg.optim.betas == (0.8, 0.9) and cfg.run.bf16 is True
-    assert cfg.model.dim_feat is None and cfg.model.sdpa_kernels == ("math",)
-    assert cfg.model.l2_written_out_max_scores == 0
+    assert cfg.model.dim_feat is None
     cfg, _ = train.config_from_args(["--run-dir", "x", "--max-steps", "7"])  # shortcuts
     assert cfg.run.run_dir == "x" and cfg.run.max_steps == 7
     cfg, _ = train.config_from_args(["--run-run-dir", "y"])  # the flag's earlier name still works
@@ -39,7 +37,9 @@ def test_values_are_typed_by_the_annotations():
     (["--optim-betas", "0.9"], "expected 2 comma-separated values"),
     (["--model-flash-attn", "true"], "--model-flash-attn was replaced: use --model-attn-backend sdpa"),
     (["--model-l2-dist-attn", "true"], "use --model-attn-backend l2"),
-    (["--model-l2-written-out-max-scores", "-1"], "l2_written_out_max_scores must be >= 0, got -1"),
+    # the kernel plan is not a model option (a checkpoint records the function, not the kernels)
+    (["--model-l2-written-out-max-scores", "0"], "use VNT_KERNELS=l2_written_out_max_scores=N in the environment"),
+    (["--model-attn-fold", "false"], "use VNT_KERNELS=fold=false in the environment"),
     (["--optim-lr", "0"], "lr must be > 0"),
     (["--check", "--model-dim-feat", "15"], "the denoiser needs an even model dim_feat, got 15"),
     (["--check", "--model-translation-invariant", "false"], "set model translation_invariant=True"),

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from vnt import (PAPER_NORMS, VNAttention, VNFeedForward, VNInvariant, VNLayerNorm, VNLinear, VNReLU, VNTransformer,
-                 VNTransformerConfig, VNTransformerEncoder, VNWeightedPool, from_original_state_dict, layers)
+                 VNTransformerConfig, VNTransformerEncoder, VNWeightedPool, from_original_state_dict, layers, model)
 from vnt.rotations import rot
 
 
@@ -109,7 +109,7 @@ def test_the_fast_blocks_are_the_compatible_blocks_with_the_axes_swapped():
     """vnt.layers (channels last, what VNTransformer uses inside) and the public blocks are one
     implementation: the same weights give the same numbers, one transpose apart."""
     compat = VNTransformerEncoder(16, depth=2, dim_head=16, heads=2, dim_coor=5).double()
-    fast = layers.VNTransformerEncoder(VNTransformerConfig(dim=16, depth=2, dim_head=16, heads=2, dim_coor=5)).double()
+    fast = model.VNTransformerEncoder(VNTransformerConfig(dim=16, depth=2, dim_head=16, heads=2, dim_coor=5)).double()
     fast.load_state_dict(compat.state_dict())
     x = torch.randn(2, 7, 16, 5, dtype=torch.float64)
     torch.testing.assert_close(compat(x), fast(x.transpose(-1, -2)).transpose(-1, -2))

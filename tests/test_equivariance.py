@@ -3,8 +3,8 @@ attention form, in float64 and float32; the rounding floor; the epsilon bias; ro
 import pytest
 import torch
 
-from models import BACKENDS, FUSION, backend_kw, inputs, small_model
-from vnt import PAPER_NORMS, VNTransformer, equivariance_error, layers, rounding_floor
+from models import BACKENDS, FUSION, backend_kw, inputs, plan_kw, small_model
+from vnt import PAPER_NORMS, VNTransformer, equivariance_error, fast, layers, rounding_floor
 from vnt.equivariance import DTYPE_TOLERANCES
 from vnt.rotations import euler_rotation, random_rotations, rot
 
@@ -13,7 +13,7 @@ from vnt.rotations import euler_rotation, random_rotations, rot
 @pytest.mark.parametrize("fusion", FUSION.values(), ids=FUSION.keys())
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_so3_equivariance_float64(backend, fusion, fold):
-    model = small_model(backend, fusion, attn_fold=fold)
+    model = small_model(backend, fusion, fold=fold)
     coors, feats, mask = inputs(dim_feat=fusion)
     err = equivariance_error(model, coors, feats=feats, mask=mask, num_rotations=4)
     assert err.rel < DTYPE_TOLERANCES[torch.float64], err
@@ -45,7 +45,7 @@ def test_bias_epsilon_breaks_equivariance_growing_with_epsilon(backend, fold):
     errs = []
     for eps in (0.0, 1e-6, 1e-4, 1e-2):
         torch.manual_seed(1)
-        model = small_model(backend, 8, bias_epsilon=eps, dim_head=16, attn_fold=fold)
+        model = small_model(backend, 8, bias_epsilon=eps, dim_head=16, fold=fold)
         errs.append(equivariance_error(model, coors, feats=feats, mask=mask,
                                        generator=torch.Generator().manual_seed(0)).rel)
     assert errs[0] < 1e-10
@@ -75,7 +75,7 @@ DEEP = dict(dim=32, depth=4, dim_head=16, heads=4)  # the float32 check of issue
 
 def deep_case(backend, fusion, fold=None):
     """backend: a backend or "l2_fused" (models.backend_kw; at this size l2 on a CPU runs written out)."""
-    model = VNTransformer(**DEEP, dim_feat=fusion, attn_fold=fold, **backend_kw(backend))
+    model = fast.planned(VNTransformer(**DEEP, dim_feat=fusion, **backend_kw(backend)), **plan_kw(backend, fold))
     coors = torch.randn(2, 256, 3)
     feats = torch.randn(2, 256, fusion) if fusion else None
     return model, coors, feats

@@ -9,8 +9,10 @@ import pytest
 import torch
 from einops import rearrange
 
-from models import BACKENDS, block_cfg, rotate
-from vnt import kernels, layers
+from models import BACKENDS, folded_calls, rotate
+from vnt import fast, layers
+from vnt.fast import kernels, ops
+from vnt.model import VNTransformerConfig, VNTransformerEncoder
 from vnt.rotations import random_rotations
 
 
@@ -71,8 +73,7 @@ def test_vn_relu_hand_written_backward_is_autograds(slope, floor, fused, monkeyp
     """VNReLU's activation has its own backward (for memory traffic), eager and as the compiled fused
     kernels (vnt.kernels): the same values and gradients as autograd through the written-out
     formula, and torch.autograd.gradcheck passes."""
-    monkeypatch.setattr(kernels, "_enabled", fused)
-    monkeypatch.setattr(kernels, "MIN_NUMEL", 0)  # these inputs are smaller than the default threshold
+    use_plan(monkeypatch, fused_kernels=fused, fused_min_numel=0)  # these inputs are smaller than the default threshold
 
     def written_out(qk):
         q, k = qk.chunk(2, dim=-1)
@@ -91,17 +92,21 @@ def test_vn_relu_hand_written_backward_is_autograds(slope, floor, fused, monkeyp
     torch.testing.assert_close(torch.autograd.grad(ours, qk, g)[0], torch.autograd.grad(ref, qk, g)[0])
     assert torch.autograd.gradcheck(relu.activate, (qk,))
     if fused:  # the kernels ran: compiled, not fallen back to the eager code
-        assert layers._relu_forward_fused.compiled is not None and layers._relu_forward_fused.error is None
-        assert layers._relu_backward_fused.compiled is not None and layers._relu_backward_fused.error is None
+        assert ops._relu_forward_fused.compiled is not None and ops._relu_forward_fused.error is None
+        assert ops._relu_backward_fused.compiled is not None and ops._relu_backward_fused.error is None
+
+
+def use_plan(monkeypatch, **changes) -> None:
+    """The kernel plan with ``changes`` for this test (monkeypatch restores it)."""
+    monkeypatch.setattr(fast.plan, "_plan", fast.KernelPlan(**{**fast.current().__dict__, **changes}))
 
 
 def fused_then_eager(monkeypatch, run, *, min_numel: int) -> tuple[list, list]:
     """``run(batch)`` at batch 2 and 1 (the points are flattened, so batch size does not recompile) with
     vnt's fused kernels on from ``min_numel`` elements, then off, the same seed each time: (fused, eager)."""
-    monkeypatch.setattr(kernels, "MIN_NUMEL", min_numel)
     results = []
     for fused in (True, False):
-        monkeypatch.setattr(kernels, "_enabled", fused)
+        use_plan(monkeypatch, fused_kernels=fused, fused_min_numel=min_numel)
         torch.manual_seed(0)
         results.append([run(b) for b in (2, 1)])
     return results[0], results[1]
@@ -145,13 +150,13 @@ def test_fused_layer_norm_residual_is_the_eager_one(dtype, monkeypatch):
 
     # MIN_NUMEL below both batch sizes (28k and 56k elements): fused
     fused, eager = fused_then_eager(monkeypatch, run, min_numel=20_000)
-    for kernel in (layers._rms_norm_residual_fused, layers._rms_norm_backward_fused):
+    for kernel in (ops._rms_norm_residual_fused, ops._rms_norm_backward_fused):
         assert kernel.compiled is not None and kernel.error is None
     tol = {torch.float32: 1e-5, torch.float64: 1e-12}[dtype]
     for fused_row, eager_row in zip(fused, eager):
         for got, want in zip(fused_row, eager_row):
             torch.testing.assert_close(got, want, rtol=tol, atol=tol * want.abs().max().item())
-    monkeypatch.setattr(kernels, "_enabled", True)
+    use_plan(monkeypatch, fused_kernels=True)
     x = torch.randn(1, 40, 11, 64, dtype=dtype)
     torch.testing.assert_close(norm(x, residual=x), norm(x) + x, rtol=tol, atol=tol)
     paper = layers.VNLayerNorm(64, subtract_mean=True).to(dtype)
@@ -176,16 +181,35 @@ def test_fused_kernel_falls_back_to_eager_with_one_warning(monkeypatch):
         torch.testing.assert_close(fn(x), x * 2)  # no second warning, no second attempt
     assert fn.compiled is None and "RuntimeError" in fn.error
     assert kernels.usable(x, min_numel=3) and not kernels.usable(x, min_numel=4)  # the size threshold
-    monkeypatch.setattr(kernels, "_enabled", False)
+    use_plan(monkeypatch, fused_kernels=False)
     assert not kernels.usable(x, min_numel=0)
 
 
-def test_fused_kernels_switch_off_from_the_environment():
-    code = "import vnt.kernels as k, torch; print(k.enabled(), k.usable(torch.ones(1), min_numel=1))"
-    for value, expect in (("0", "False False"), ("1", "True True")):
-        out = subprocess.run([sys.executable, "-c", code], env={**os.environ, kernels.ENV: value}, check=True,
+def test_kernel_plan_comes_from_the_environment():
+    """VNT_FUSED_KERNELS=0 and VNT_KERNELS="key=value,..." set the plan's defaults; a bad entry names
+    the variable and the settings."""
+    code = ("from vnt import fast; import torch; p = fast.current(); "
+            "print(p.fused_kernels, fast.kernels.usable(torch.ones(1), min_numel=1), p.fold, p.l2_written_out_max_scores)")
+    env = {k: v for k, v in os.environ.items() if k not in (fast.plan.ENV, fast.plan.FUSED_ENV)}
+    for extra, expect in (({fast.plan.FUSED_ENV: "0"}, "False False None 2097152"),
+                          ({fast.plan.FUSED_ENV: "1"}, "True True None 2097152"),
+                          ({fast.plan.ENV: "fold=false,l2_written_out_max_scores=0"}, "True True False 0")):
+        out = subprocess.run([sys.executable, "-c", code], env={**env, **extra}, check=True,
                              capture_output=True, text=True).stdout.split()
         assert " ".join(out) == expect
+    bad = subprocess.run([sys.executable, "-c", code], env={**env, fast.plan.ENV: "speed=11"},
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "VNT_KERNELS: unknown setting 'speed'" in bad.stderr
+
+
+def test_configure_changes_the_plan_for_a_block_or_the_process():
+    before = fast.current()
+    with fast.configure(fold=False) as p:
+        assert p.fold is False and fast.current().fold is False
+    assert fast.current() == before
+    with pytest.raises(ValueError, match="sdpa_kernels"):
+        fast.configure(sdpa_kernels=("warp",))
+    assert fast.current() == before
 
 
 def test_vn_layer_norm_is_continuous_and_paper_mode_is_the_layer_norm_of_norms():
@@ -223,7 +247,7 @@ def test_vn_invariant_is_per_channel_and_invariant():
 
 
 def test_vn_attention_latents_shape_and_equivariance():
-    attn = layers.VNAttention(block_cfg(8, dim_head=4, heads=2, attn_backend="sdpa"), num_latents=3).double()
+    attn = layers.VNAttention(8, dim_head=4, heads=2, backend="sdpa", num_latents=3).double()
     x = torch.randn(2, 10, 3, 8, dtype=torch.float64)
     mask = torch.ones(2, 10, dtype=torch.bool)
     mask[0, 6:] = False
@@ -245,23 +269,28 @@ def test_folded_attention_is_the_projected_function(backend, heads, eps):
     outs = []
     for fold in (False, True):
         torch.manual_seed(0)
-        attn = layers.VNAttention(block_cfg(4, dim_coor=5, dim_head=4, heads=heads, attn_backend=backend,
-                                            bias_epsilon=eps, attn_fold=fold)).double()
-        assert attn.fold == fold
+        attn = fast.planned(layers.VNAttention(4, dim_coor=5, dim_head=4, heads=heads, backend=backend,
+                                          bias_epsilon=eps).double(), fold=fold)
         out = attn(x, mask=mask)
         outs.append((out, *torch.autograd.grad(out.pow(2).sum(), [x, *attn.parameters()])))
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b)
 
 
-def test_fold_is_chosen_by_cost_and_works_with_bias():
-    def fold(**kw):
-        return layers.VNAttention(block_cfg(**{"dim": 16, "dim_head": 16, "heads": 2, **kw})).fold
-
-    assert fold() and fold(bias_epsilon=1e-6) and not fold(dim=32)
-    assert not layers.VNAttention(block_cfg(16, dim_head=16, heads=2), num_latents=2).fold
-    with pytest.raises(ValueError, match="num_latents"):
-        layers.VNAttention(block_cfg(16, dim_head=16, heads=2, attn_fold=True), num_latents=2)
+def test_fold_is_chosen_by_cost_and_the_plan():
+    """By default self attention folds where dim <= dim_head; the plan forces it either way; cross
+    attention (latents) never folds; the first layer folds on a low-rank input unless the plan says no."""
+    assert fast.folds(dim=16, dim_head=16) and not fast.folds(dim=32, dim_head=16)
+    with fast.configure(fold=True):
+        assert fast.folds(dim=32, dim_head=16)
+        x = torch.randn(1, 4, 3, 16)
+        latents = layers.VNAttention(16, dim_head=16, heads=2, num_latents=2)
+        with folded_calls() as calls:
+            latents(x)
+        assert calls == []
+    with fast.configure(fold=False):
+        assert not fast.folds(dim=16, dim_head=16) and not fast.folds_low_rank(rank=1, dim_head=16)
+    assert fast.folds_low_rank(rank=4, dim_head=16) and not fast.folds_low_rank(rank=32, dim_head=16)
 
 
 def test_init_is_fan_in_scaled():
@@ -281,7 +310,7 @@ def test_softmax_is_not_saturated_at_init(backend, fusion):
     torch.manual_seed(0)
     model = VNTransformer(dim=64, depth=1, dim_head=64, heads=8, dim_feat=fusion, attn_backend=backend)
     c = model.config.dim_coor_total
-    x = model.proj_in(torch.randn(2, 128, c, 1))
+    x = model.encoder.proj_in(torch.randn(2, 128, c, 1))
     attn = model.encoder.layers[0][0]
     heads = "b n c (h d) -> b h n (c d)"
     with torch.no_grad():
@@ -303,7 +332,7 @@ def test_l2_init_gives_the_point_itself_a_one_nat_margin(dim_coor):
     """VNAttention's docstring: on unit-variance features the tied map's initial scale makes
     scale * mean_j |q_i - q_j|^2 (the point's own logit advantage) about 1, whatever dim_coor."""
     torch.manual_seed(0)
-    attn = layers.VNAttention(block_cfg(64, dim_head=64, heads=8, dim_coor=dim_coor, attn_backend="l2"))
+    attn = layers.VNAttention(64, dim_head=64, heads=8, dim_coor=dim_coor, backend="l2")
     with torch.no_grad():
         q, _ = attn.to_qkv.split(torch.randn(2, 128, dim_coor, 64), 2)
         q = rearrange(q, "b n c (h d) -> b h n (c d)", h=8)
@@ -313,7 +342,7 @@ def test_l2_init_gives_the_point_itself_a_one_nat_margin(dim_coor):
 
 @pytest.mark.parametrize("block", [
     lambda: layers.VNLinear(8, 4), lambda: layers.VNReLU(8), lambda: layers.VNLayerNorm(8),
-    lambda: layers.VNFeedForward(block_cfg(8)), lambda: layers.VNAttention(block_cfg(8, dim_head=4, heads=2)),
+    lambda: layers.VNFeedForward(8), lambda: layers.VNAttention(8, dim_head=4, heads=2),
     lambda: layers.VNWeightedPool(8), lambda: layers.VNInvariant(8),
 ], ids=["linear", "relu", "layer_norm", "feed_forward", "attention", "pool", "invariant"])
 def test_blocks_reject_the_original_layout(block):
@@ -327,7 +356,7 @@ def test_blocks_reject_the_original_layout(block):
 
 
 def test_encoder_checks_the_coordinate_axis():
-    enc = layers.VNTransformerEncoder(block_cfg(8, dim_head=4, heads=2, dim_coor=5, attn_backend="l2"))
+    enc = VNTransformerEncoder(VNTransformerConfig(dim=8, depth=1, dim_head=4, heads=2, dim_coor=5, attn_backend="l2"))
     assert [layer[0].attend.backend for layer in enc.layers] == ["l2"]
     assert enc(torch.randn(2, 6, 5, 8)).shape == (2, 6, 5, 8)
     with pytest.raises(ValueError, match=r"\(batch, points, 5, 8\)"):
@@ -340,11 +369,11 @@ def test_head_linear_writes_every_heads_map_head_major_with_its_gradients():
     and returns float32 gradients; bad shapes are a ValueError."""
     x = torch.randn(2, 7, 5, dtype=torch.float64, requires_grad=True)
     w = torch.randn(3, 5, 4, dtype=torch.float64, requires_grad=True)
-    torch.testing.assert_close(layers.head_linear(x, w), torch.einsum("b m d, h d e -> b h m e", x, w))
-    assert torch.autograd.gradcheck(layers.head_linear, (x, w))
+    torch.testing.assert_close(fast.head_linear(x, w), torch.einsum("b m d, h d e -> b h m e", x, w))
+    assert torch.autograd.gradcheck(fast.head_linear, (x, w))
     xf, wf = x.detach().float().requires_grad_(True), w.detach().float().requires_grad_(True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = layers.head_linear(xf, wf)
+        out = fast.head_linear(xf, wf)
     out.float().square().sum().backward()
     ref = torch.einsum("b m d, h d e -> b h m e", x, w)
     gx, gw = torch.autograd.grad(ref.square().sum(), [x, w])
@@ -353,7 +382,7 @@ def test_head_linear_writes_every_heads_map_head_major_with_its_gradients():
     assert (xf.grad.double() - gx).abs().max() <= 0.05 * gx.abs().max()
     assert (wf.grad.double() - gw).abs().max() <= 0.05 * gw.abs().max()
     with pytest.raises(ValueError, match=r"x \(batch, rows, d\) and weight \(heads, d, e\)"):
-        layers.head_linear(x, w.transpose(1, 2))
+        fast.head_linear(x, w.transpose(1, 2))
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -364,8 +393,8 @@ def test_ones_column_linear_is_f_linear_with_its_gradients(bias):
     x = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
     w = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
     b = torch.randn(6, dtype=torch.float64, requires_grad=True) if bias else None
-    torch.testing.assert_close(layers.ones_column_linear(x, w, b), torch.nn.functional.linear(x, w, b))
-    assert torch.autograd.gradcheck(layers.ones_column_linear, (x, w, b))
+    torch.testing.assert_close(fast.ones_column_linear(x, w, b), torch.nn.functional.linear(x, w, b))
+    assert torch.autograd.gradcheck(fast.ones_column_linear, (x, w, b))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = layers.ones_column_linear(x.float(), w.float(), None if b is None else b.float())
+        out = fast.ones_column_linear(x.float(), w.float(), None if b is None else b.float())
     assert out.dtype == torch.bfloat16

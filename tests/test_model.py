@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from models import BACKENDS, FUSION, inputs, small_model
-from vnt import VNTransformer, VNTransformerConfig
+from models import BACKENDS, FUSION, folded_calls, inputs, plan_kw, small_model
+from vnt import VNTransformer, VNTransformerConfig, fast
 
 
 def test_centering_uses_each_samples_own_valid_points():
@@ -70,17 +70,16 @@ def test_folded_attention_is_the_same_function(backend, fusion, eps):
     """Folded (multi-query) attention equals the projected form, outputs and every gradient, also
     with the epsilon bias (README difference 9). l2 at this size runs written out with tied keys;
     l2_fused is l2 on the fused kernels (a budget of 0 written-out scores)."""
-    m_proj = small_model(backend, fusion, attn_fold=False, bias_epsilon=eps)
-    m_fold = small_model(backend, fusion, attn_fold=True, bias_epsilon=eps)
+    m_proj = small_model(backend, fusion, fold=False, bias_epsilon=eps)
+    m_fold = small_model(backend, fusion, fold=True, bias_epsilon=eps)
     m_fold.load_state_dict(m_proj.state_dict())
-    assert [layer[0].fold for layer in m_fold.encoder.layers] == [True, True]
-    assert [layer[0].fold for layer in m_proj.encoder.layers] == [False, False]
     coors, feats, mask = inputs(dim_feat=fusion)
     results = []
     for model in (m_proj, m_fold):
-        out = model(coors, feats=feats, mask=mask)
-        # the first layer's input is proj_in's rank-1 embedding: folded, it runs on its factor
-        assert [layer[0].last_input_rank for layer in model.encoder.layers] == ([1, None] if model is m_fold else [None, None])
+        with folded_calls() as calls:
+            out = model(coors, feats=feats, mask=mask)
+        # folded, every layer runs folded, and the first one on the input embedding's rank-1 factor
+        assert calls == ([1, 16] if model is m_fold else [])
         out = torch.cat(out, dim=-1) if isinstance(out, tuple) else out
         grads = torch.autograd.grad(out[mask].pow(2).sum(), list(model.parameters()), allow_unused=True)
         results.append((out[mask], grads))
@@ -95,7 +94,7 @@ def test_folded_attention_is_the_same_function(backend, fusion, eps):
 @pytest.mark.parametrize("fold", [False, True], ids=["projected", "folded"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_all_false_mask_gives_finite_outputs_and_grads(backend, fold):
-    model = small_model(backend, 8, dtype=torch.float32, translation_equivariance=True, attn_fold=fold)
+    model = small_model(backend, 8, dtype=torch.float32, translation_equivariance=True, fold=fold)
     coors, feats, mask = inputs(dim_feat=8, dtype=torch.float32)
     mask[0] = False
     feats.requires_grad_(True)
@@ -147,10 +146,9 @@ def test_bad_input_raises_value_error(case):
     (dict(attn_backend="math", flash_attn=True), "contradicts"),
     (dict(attn_backend="fast"), "one of"),
     (dict(translation_equivariance=True, translation_invariant=True), "mutually exclusive"),
-    (dict(sdpa_kernels=("warp",)), "sdpa_kernels"),
     (dict(bias_epsilon=-1.0), "bias_epsilon"),
     (dict(relu_k_norm_floor=1.0), "k_norm_floor"),
-    (dict(attn_fold="yes"), "attn_fold"),
+    (dict(attn_fold=True), "attn_fold"),
     (dict(typo_option=1), "typo_option"),
 ])
 def test_bad_options_fail_at_construction(kw, pattern):
@@ -164,19 +162,21 @@ def test_flags_map_to_backends_and_kernel_is_reported():
     model = VNTransformer(dim=8, depth=2, dim_head=4, heads=2, flash_attn=True)
     model(torch.randn(1, 6, 3))
     assert all(k in ("flash", "efficient", "math") for k in model.encoder.attention_kernels())
-    only_math = VNTransformer(dim=8, depth=1, dim_head=4, heads=2, flash_attn=True, sdpa_kernels=("math",))
-    only_math(torch.randn(1, 6, 3))
+    only_math = VNTransformer(dim=8, depth=1, dim_head=4, heads=2, flash_attn=True)
+    with fast.configure(sdpa_kernels=("math",)):
+        only_math(torch.randn(1, 6, 3))
     assert only_math.encoder.attention_kernels() == ["math"]
     # a kernel that cannot serve the inputs (no memory-efficient kernel on CPU) falls back, and says so;
     # a remembered kernel that stops serving them is tried first, then the others
-    fallback = VNTransformer(dim=8, depth=1, dim_head=4, heads=2, flash_attn=True, sdpa_kernels=("efficient", "math"))
-    fallback(torch.randn(1, 6, 3))
-    if not torch.cuda.is_available():
-        assert fallback.encoder.attention_kernels() == ["math"]
-        attend = fallback.encoder.layers[0][0].attend
-        attend._kernel_cache = {key: "efficient" for key in attend._kernel_cache}
+    fallback = VNTransformer(dim=8, depth=1, dim_head=4, heads=2, flash_attn=True)
+    with fast.configure(sdpa_kernels=("efficient", "math"), fold=False):
         fallback(torch.randn(1, 6, 3))
-        assert fallback.encoder.attention_kernels() == ["math"]
+        if not torch.cuda.is_available():
+            assert fallback.encoder.attention_kernels() == ["math"]
+            attend = fallback.encoder.layers[0][0].attend
+            attend._kernel_cache = {key: "efficient" for key in attend._kernel_cache}
+            fallback(torch.randn(1, 6, 3))
+            assert fallback.encoder.attention_kernels() == ["math"]
 
 
 @pytest.mark.parametrize("eps", [0.0, 1e-4], ids=["eps0", "eps1e-4"])
@@ -186,17 +186,17 @@ def test_forward_and_backward_trace_whole_under_torch_compile(backend, fold, eps
     """No host synchronisation and no data-dependent Python branch in forward: torch.compile with
     fullgraph=True raises on any graph break (.item(), a branch on a tensor value, kernel probing).
     Traced cold, so the SDPA backends take the no-probe path; outputs and gradients equal eager."""
-    model = small_model(backend, 4, dtype=torch.float32, attn_fold=fold, translation_equivariance=True,
-                        dim_head=16, bias_epsilon=eps)
+    model = small_model(backend, 4, dtype=torch.float32, translation_equivariance=True, dim_head=16, bias_epsilon=eps)
     coors, feats, mask = inputs(dim_feat=4, dtype=torch.float32)
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="eager", fullgraph=True)
     grads = []
-    for fn in (compiled, model):
-        model.zero_grad()
-        out = fn(coors, feats=feats, mask=mask)[0]
-        out[mask].square().sum().backward()
-        grads.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
+    with fast.configure(**plan_kw(backend, fold)):  # the plan is read while tracing
+        for fn in (compiled, model):
+            model.zero_grad()
+            out = fn(coors, feats=feats, mask=mask)[0]
+            out[mask].square().sum().backward()
+            grads.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
     (out_c, grad_c), (out_e, grad_e) = grads
     torch.testing.assert_close(out_c, out_e)
     for a, b in zip(grad_c, grad_e):
@@ -213,8 +213,22 @@ def test_config_round_trip():
     # configs written before the original's flags were resolved into attn_backend still load
     legacy = {**cfg.to_dict(), "attn_backend": None, "flash_attn": True, "l2_dist_attn": False}
     assert VNTransformerConfig.from_dict(legacy) == cfg
+    # configs saved while the kernel plan was part of the model config: those fields are dropped
+    planned_cfg = {**cfg.to_dict(), "sdpa_kernels": ["math"], "l2_written_out_max_scores": 0, "attn_fold": False}
+    assert VNTransformerConfig.from_dict(planned_cfg) == cfg
     with pytest.raises(ValueError, match="contradicts"):
         VNTransformerConfig.from_dict({**cfg.to_dict(), "l2_dist_attn": True})
+
+
+def test_state_dicts_from_before_the_encoder_owned_proj_in_load():
+    """Checkpoints saved with ``proj_in.*`` at the model's top level load into ``encoder.proj_in.*``."""
+    model = VNTransformer(dim=8, depth=1, dim_head=4, heads=2, bias_epsilon=1e-3)
+    old = {("proj_in." + k[len("encoder.proj_in."):] if k.startswith("encoder.proj_in.") else k): v.clone() + 1
+           for k, v in model.state_dict().items()}
+    assert "proj_in.weight" in old and "encoder.proj_in.weight" not in old
+    fresh = VNTransformer(dim=8, depth=1, dim_head=4, heads=2, bias_epsilon=1e-3)
+    fresh.load_state_dict(old)
+    torch.testing.assert_close(fresh.encoder.proj_in.weight, old["proj_in.weight"])
 
 
 def test_readme_example_runs():

@@ -2,9 +2,9 @@
 
 ``from VN_transformer import VNAttention`` -> ``from vnt import VNAttention``: these blocks take and
 return the original's ``(..., channels, coordinate axis)`` features, with its constructor keywords
-and defaults, and keep vnt's fixes (README, "Differences"). Each is vnt's fast channels-last block
-(``vnt.layers``, which ``VNTransformer`` uses inside) with one transpose in and one out; the
-original's keywords are resolved here, once, into the block's config.
+and defaults, and keep vnt's fixes (README, "Differences"). Each is vnt's channels-last block
+(``vnt.layers``, ``vnt.model``, which ``VNTransformer`` uses inside) with one transpose in and one out; the
+original's keywords are resolved here, once, into the block's own keywords.
 
 ``from_original_state_dict`` maps weights saved from the original package onto these blocks (or
 onto ``VNTransformer``): ``block.load_state_dict(from_original_state_dict(original.state_dict()))``.
@@ -20,8 +20,8 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from vnt import layers
-from vnt.attend import DEFAULT_SDPA_KERNELS, resolve_backend
+from vnt import layers, model
+from vnt.fast import resolve_backend
 from vnt.layers import RELU_K_NORM_FLOOR
 from vnt.model import VNTransformerConfig
 
@@ -80,9 +80,8 @@ class VNFeedForward(layers.VNFeedForward):
 
     def __init__(self, dim: int, mult: float = 4, bias_epsilon: float = 0.0, *, relu_negative_slope: float = 0.0,
                  relu_k_norm_floor: float = RELU_K_NORM_FLOOR):
-        super().__init__(VNTransformerConfig(dim=dim, depth=1, ff_mult=mult, bias_epsilon=bias_epsilon,
-                                             relu_negative_slope=relu_negative_slope,
-                                             relu_k_norm_floor=relu_k_norm_floor))
+        super().__init__(dim, mult=mult, bias_epsilon=bias_epsilon, relu_negative_slope=relu_negative_slope,
+                         relu_k_norm_floor=relu_k_norm_floor)
 
     def forward(self, x: Tensor) -> Tensor:
         return _theirs(super().forward(_ours(x, self.proj_in.weight.shape[1], "VNFeedForward")))
@@ -91,19 +90,16 @@ class VNFeedForward(layers.VNFeedForward):
 class VNAttention(layers.VNAttention):
     """(b, n, dim, c) -> (b, n, dim, c), or (b, num_latents, dim, c) with perceiver-style latents.
 
-    The original's keywords; ``flash`` / ``l2_dist_attn`` mean ``attn_backend="sdpa"`` / ``"l2"``.
-    vnt's own (keyword only): ``attn_backend``, ``sdpa_kernels``, ``fold`` (folded attention).
+    The original's keywords; ``flash`` / ``l2_dist_attn`` mean ``attn_backend="sdpa"`` / ``"l2"``
+    (vnt's own keyword ``attn_backend`` names any backend).
     """
 
     def __init__(self, dim: int, dim_head: int = 64, heads: int = 8, dim_coor: int = 3, bias_epsilon: float = 0.0,
                  l2_dist_attn: bool = False, flash: bool = False, num_latents: int | None = None, *,
-                 attn_backend: str | None = None, sdpa_kernels: tuple[str, ...] = DEFAULT_SDPA_KERNELS,
-                 fold: bool | None = None):
-        cfg = VNTransformerConfig(
-            dim=dim, depth=1, dim_head=dim_head, heads=heads, dim_coor=dim_coor, bias_epsilon=bias_epsilon,
-            attn_backend=resolve_backend(attn_backend=attn_backend, flash_attn=flash, l2_dist_attn=l2_dist_attn),
-            sdpa_kernels=sdpa_kernels, attn_fold=fold)
-        super().__init__(cfg, num_latents=num_latents)
+                 attn_backend: str | None = None):
+        super().__init__(dim, dim_head=dim_head, heads=heads, dim_coor=dim_coor, bias_epsilon=bias_epsilon,
+                         backend=resolve_backend(attn_backend=attn_backend, flash_attn=flash, l2_dist_attn=l2_dist_attn),
+                         num_latents=num_latents)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         return _theirs(super().forward(_ours(x, self.dim, "VNAttention", ndim=4), mask=mask))
@@ -122,7 +118,7 @@ class VNWeightedPool(layers.VNWeightedPool):
         return _theirs(super().forward(_ours(x, self.weight.shape[1], "VNWeightedPool", ndim=4), mask=mask))
 
 
-class VNTransformerEncoder(layers.VNTransformerEncoder):
+class VNTransformerEncoder(model.VNTransformerEncoder):
     """(b, n, dim, dim_coor) -> (b, n, dim, dim_coor). The original's keywords; vnt's model options
     (``attn_backend``, ``relu_k_norm_floor``, ``norm_subtract_mean``, ...) as further keywords."""
 
@@ -170,7 +166,7 @@ def from_original_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tens
     - the feed-forward ``nn.Sequential`` ``0``, ``1``, ``2`` -> ``proj_in``, ``act``, ``proj_out``;
     - VN layer norm ``ln.gamma`` -> ``gamma`` (its ``ln.beta`` is a zero buffer and is dropped);
     - ``VNWeightedPool.weight`` (m, d, e) -> ((m e), d);
-    - ``VNTransformer``: ``vn_proj_in.1`` -> ``proj_in``, ``vn_proj_out.0`` -> ``out_norm``,
+    - ``VNTransformer``: ``vn_proj_in.1`` -> ``encoder.proj_in``, ``vn_proj_out.0`` -> ``out_norm``,
       ``vn_proj_out.1`` -> ``proj_out``; ``VNInvariant``: ``mlp`` -> ``frame``.
     """
     sd = dict(state_dict)
@@ -203,7 +199,7 @@ def from_original_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tens
     renamed = {}
     for key, value in out.items():
         key = re.sub(r"(^|\.)ln\.gamma$", r"\1gamma", key)
-        key = re.sub(r"^vn_proj_in\.1\.", "proj_in.", key)
+        key = re.sub(r"^vn_proj_in\.1\.", "encoder.proj_in.", key)
         key = re.sub(r"^vn_proj_out\.0\.", "out_norm.", key)
         key = re.sub(r"^vn_proj_out\.1\.", "proj_out.", key)
         key = re.sub(r"^mlp\.", "frame.", key)

@@ -19,8 +19,9 @@ from typing import Literal
 import torch
 from einops import rearrange
 
+from vnt import layers
 from vnt.data import NUM_ATOMS, NUM_RESIDUE_TOKENS
-from vnt.model import VNTransformer, VNTransformerConfig
+from vnt.model import VNTransformer, VNTransformerConfig, VNTransformerEncoder, centered, remap_proj_in
 
 
 def default_model_config() -> VNTransformerConfig:
@@ -122,32 +123,28 @@ class ResidueVNTransformer(torch.nn.Module):
     """vnt's encoder on one point per residue: its 4 backbone atoms are 4 vector channels.
 
     Per residue, the VN feature has the 4 atoms' centred coordinates, each with its atom's invariant
-    features fused early below them, as its 4 input channels (c = 3 + dim_feat rows): ``proj_in``
-    maps 4 -> dim channels, ``proj_out`` dim -> 4 displacements (starting at zero). The same
+    features fused early below them, as its 4 input channels (c = 3 + dim_feat rows): the encoder's
+    ``proj_in`` maps 4 -> dim channels, ``proj_out`` dim -> 4 displacements (starting at zero). The same
     function class as the per-atom model (rotations act on the 3 coordinate rows only; centring
     makes it translation invariant), on a sequence 4 times shorter: attention costs 16 times less.
     Axes: b batch, L residues, a atoms (4), c coordinate rows, d channels.
     """
 
-    uses_child_weights = ("proj_in",)  # forward passes its weights to the encoder (see VNTransformer)
-
     def __init__(self, cfg: VNTransformerConfig):
         super().__init__()
-        from vnt import layers
         self.config = cfg
-        self.proj_in = layers.VNLinear(NUM_ATOMS, cfg.dim, bias_epsilon=cfg.bias_epsilon)
-        self.encoder = layers.VNTransformerEncoder(dataclasses.replace(cfg, num_tokens=None))
+        self.encoder = VNTransformerEncoder(dataclasses.replace(cfg, num_tokens=None), dim_in=NUM_ATOMS)
+        self._register_load_state_dict_pre_hook(remap_proj_in, with_module=True)
         self.out_norm = layers.VNLayerNorm(cfg.dim, subtract_mean=cfg.norm_subtract_mean)
         self.proj_out = layers.VNLinear(cfg.dim, NUM_ATOMS, bias_epsilon=cfg.bias_epsilon)
         torch.nn.init.zeros_(self.proj_out.weight)
 
     def forward(self, coors, *, feats, mask):
-        from vnt.model import centered
         coors, _ = centered(coors.masked_fill(~mask[..., None], 0.0), mask)
         x = torch.cat((coors, feats.masked_fill(~mask[..., None], 0.0)), dim=-1)       # (b, L a, 3 + f)
         x = rearrange(x, "b (L a) c -> b L c a", a=NUM_ATOMS)
         residue_mask = rearrange(mask, "b (L a) -> b L a", a=NUM_ATOMS).any(dim=-1)
-        x = self.encoder(self.proj_in(x), mask=residue_mask, factors=self.proj_in.factors(x))
+        x = self.encoder(x, mask=residue_mask)
         out = self.proj_out(self.out_norm(x))[:, :, :3]                                 # (b, L, 3, a)
         return rearrange(out, "b L c a -> b (L a) c")
 

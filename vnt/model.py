@@ -1,6 +1,8 @@
-"""VN-Transformer (Assaad et al. 2022) with the public API of the ``VN-transformer`` package.
+"""VN-Transformer (Assaad et al. 2022) with the public API of the ``VN-transformer`` package: its
+config, the encoder and the model. The blocks are in ``vnt.layers``; the speed layer in ``vnt.fast``.
 
-Axes: b batch, n points, c coordinate axis (dim_coor, plus dim_feat with early fusion), d channels.
+Axes: b batch, n points, c coordinate axis (dim_coor, plus dim_feat with early fusion), d channels,
+r input channels of the encoder's embedding.
 """
 from __future__ import annotations
 
@@ -10,19 +12,25 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from vnt.attend import BACKENDS, DEFAULT_SDPA_KERNELS, L2_WRITTEN_OUT_MAX_SCORES, Backend, resolve_backend
-from vnt.layers import RELU_K_NORM_FLOOR, VNLayerNorm, VNLinear, VNTransformerEncoder
+from vnt import fast
+from vnt.fast import BACKENDS, Backend, resolve_backend
+from vnt.layers import RELU_K_NORM_FLOOR, VNAttention, VNFeedForward, VNLayerNorm, VNLinear
 
 
 # the paper's (and the original package's) VN-LayerNorm and VN-ReLU: VNTransformer(..., **PAPER_NORMS)
 PAPER_NORMS = {"norm_subtract_mean": True, "relu_k_norm_floor": 0.0}
 
+# fields of configs saved before the kernel plan left the model config (vnt.fast.plan): from_dict
+# drops them, since they chose kernels for the same function, not the function
+KERNEL_PLAN_KEYS = ("sdpa_kernels", "l2_written_out_max_scores", "attn_fold")
+
 
 @dataclass(frozen=True)
 class VNTransformerConfig:
-    """Every hyper-parameter of a VNTransformer, resolved: checkpoints and reports record this, and
-    the blocks take it (``vnt.layers``). The original package's ``l2_dist_attn`` / ``flash_attn`` are
-    resolved into ``attn_backend`` at the public edge (``VNTransformer``, ``from_dict``, ``vnt.compat``)."""
+    """Every hyper-parameter of a VNTransformer, resolved: checkpoints and reports record this. The
+    original package's ``l2_dist_attn`` / ``flash_attn`` are resolved into ``attn_backend`` at the
+    public edge (``VNTransformer``, ``from_dict``, ``vnt.compat``). How the function is computed (which
+    kernels, folded or not) is the kernel plan's (``vnt.fast.configure``), not a field here."""
 
     dim: int                              # channels of every VN feature
     depth: int                            # encoder layers
@@ -36,9 +44,6 @@ class VNTransformerConfig:
     translation_equivariance: bool = False  # centre the input, add the centre back to the output
     translation_invariant: bool = False   # centre the input only
     attn_backend: Backend = "math"        # attention: sdpa is the original's flash_attn, l2 its l2_dist_attn
-    sdpa_kernels: tuple[str, ...] = DEFAULT_SDPA_KERNELS  # SDPA kernels to try, in order
-    l2_written_out_max_scores: int = L2_WRITTEN_OUT_MAX_SCORES  # l2 on a CPU: written out up to b*h*n*n scores
-    attn_fold: bool | None = None         # folded (multi-query) attention; None: when dim <= dim_head
     ff_mult: float = 4                    # feed-forward hidden width / dim
     relu_negative_slope: float = 0.0      # VN-LeakyReLU slope
     relu_k_norm_floor: float = RELU_K_NORM_FLOOR  # VNReLU; 0: the exact projection for every k (paper)
@@ -55,13 +60,8 @@ class VNTransformerConfig:
             raise ValueError(f"bias_epsilon must be >= 0, got {self.bias_epsilon}")
         if self.attn_backend not in BACKENDS:
             raise ValueError(f"attn_backend must be one of {BACKENDS}, got {self.attn_backend!r}")
-        if int(self.l2_written_out_max_scores) < 0:
-            raise ValueError(f"l2_written_out_max_scores must be >= 0, got {self.l2_written_out_max_scores}")
-        if self.attn_fold not in (None, True, False):
-            raise ValueError(f"attn_fold must be None (automatic), True or False, got {self.attn_fold!r}")
         if self.num_tokens is not None and self.dim_feat is None:
             object.__setattr__(self, "dim_feat", self.dim)  # token embeddings are dim_feat wide
-        object.__setattr__(self, "sdpa_kernels", tuple(self.sdpa_kernels))
 
     @property
     def dim_coor_total(self) -> int:
@@ -73,8 +73,9 @@ class VNTransformerConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "VNTransformerConfig":
         """From ``to_dict`` output, or a dict with the original's ``flash_attn`` / ``l2_dist_attn``
-        (configs written before they were resolved into ``attn_backend``)."""
-        d = dict(d)
+        (configs written before they were resolved into ``attn_backend``). Kernel-plan fields of older
+        configs (``KERNEL_PLAN_KEYS``) are dropped."""
+        d = {k: v for k, v in d.items() if k not in KERNEL_PLAN_KEYS}
         flags = {k: bool(d.pop(k, False)) for k in ("flash_attn", "l2_dist_attn")}
         if any(flags.values()) or d.get("attn_backend") is None:
             d["attn_backend"] = resolve_backend(attn_backend=d.get("attn_backend"), **flags)
@@ -100,6 +101,82 @@ def centered(coors: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
     return out, center
 
 
+class VNTransformerEncoder(nn.Module):
+    """depth x [x + LN(attn(x)), x + LN(ff(x))] on (b, n, c, d), post-norm as in the original.
+
+    With ``dim_in`` the encoder also owns the input embedding ``proj_in`` (dim_in -> dim channels)
+    and takes its narrow input (b, n, c, dim_in): the first layer's input s w^T + b then has rank
+    dim_in over the channels, and its attention runs folded on s (``vnt.fast.folded_attention(...,
+    embed=)``, unless the kernel plan turns folding off), the same function at about dim_in /
+    dim_head of a later layer's cost.
+    """
+
+    def __init__(self, cfg: VNTransformerConfig, *, dim_in: int | None = None):
+        super().__init__()
+        self.dim, self.dim_coor, self.dim_in = cfg.dim, cfg.dim_coor_total, dim_in
+        self.proj_in = VNLinear(dim_in, cfg.dim, bias_epsilon=cfg.bias_epsilon) if dim_in is not None else None
+        self.layers = nn.ModuleList([
+            nn.ModuleList([
+                VNAttention(cfg.dim, dim_head=cfg.dim_head, heads=cfg.heads, dim_coor=cfg.dim_coor_total,
+                            bias_epsilon=cfg.bias_epsilon, backend=cfg.attn_backend),
+                VNLayerNorm(cfg.dim, subtract_mean=cfg.norm_subtract_mean),
+                VNFeedForward(cfg.dim, mult=cfg.ff_mult, bias_epsilon=cfg.bias_epsilon,
+                              relu_negative_slope=cfg.relu_negative_slope, relu_k_norm_floor=cfg.relu_k_norm_floor),
+                VNLayerNorm(cfg.dim, subtract_mean=cfg.norm_subtract_mean),
+            ])
+            for _ in range(cfg.depth)
+        ])
+        self.norm = VNLayerNorm(cfg.dim, subtract_mean=cfg.norm_subtract_mean) if cfg.final_norm else nn.Identity()
+
+    def forward(self, x: Tensor, *, mask: Tensor | None = None) -> Tensor:
+        width = self.dim if self.proj_in is None else self.dim_in
+        if x.ndim != 4 or x.shape[-2:] != (self.dim_coor, width):
+            raise ValueError(f"expected x of shape (batch, points, dim_coor, {'dim_in' if self.proj_in else 'dim'}) = "
+                             f"(batch, points, {self.dim_coor}, {width}), got {tuple(x.shape)}")
+        first = 0
+        if self.proj_in is not None:
+            s, x = x, self.proj_in(x)
+            attn, attn_norm, ff, ff_norm = self.layers[0]
+            if fast.folds_low_rank(rank=self.dim_in, dim_head=attn.dim_head):
+                a = fast.folded_attention(s, mask=mask, embed=(self.proj_in.weight, self.proj_in.effective_bias()),
+                                          **attn.folded_maps())
+                x = attn_norm(a, residual=x)
+                x = ff_norm(ff(x), residual=x)
+                first = 1
+        for attn, attn_norm, ff, ff_norm in self.layers[first:]:
+            x = attn_norm(attn(x, mask=mask), residual=x)
+            x = ff_norm(ff(x), residual=x)
+        return self.norm(x)
+
+    def attention_kernels(self) -> list[str | None]:
+        """The kernel each attention layer ran in its latest forward."""
+        return [layer[0].attend.last_kernel for layer in self.layers]
+
+
+def zero3_external_parameters(model: nn.Module) -> list[tuple[nn.Module, nn.Parameter]]:
+    """(module, parameter) pairs a ZeRO-3 trainer registers as external parameters
+    (``deepspeed.zero.register_external_parameter``): ZeRO-3 gathers a module's own parameters for its
+    forward, and these modules compute with their children's weights, not only through the
+    children's forward (the composed feed-forward map, the folded attention maps, and the encoder's
+    first layer folded with its input embedding)."""
+    pairs = []
+    for module in model.modules():
+        if isinstance(module, (VNFeedForward, VNAttention)):
+            children = list(module.children())
+        elif isinstance(module, VNTransformerEncoder) and module.proj_in is not None:
+            children = [module.proj_in, module.layers[0][0]]
+        else:
+            continue
+        pairs += [(module, p) for child in children for p in child.parameters()]
+    return pairs
+
+
+def remap_proj_in(module, state_dict, prefix, *args) -> None:
+    """State dicts saved before the encoder owned the input embedding: ``proj_in.*`` -> ``encoder.proj_in.*``."""
+    for key in [k for k in state_dict if k.startswith(f"{prefix}proj_in.")]:
+        state_dict[f"{prefix}encoder.{key[len(prefix):]}"] = state_dict.pop(key)
+
+
 class VNTransformer(nn.Module):
     """Drop-in replacement for ``VN_transformer.VNTransformer``.
 
@@ -109,10 +186,6 @@ class VNTransformer(nn.Module):
     ``l2_dist_attn`` are resolved here into ``attn_backend``; every other keyword is a
     ``VNTransformerConfig`` field.
     """
-
-    # forward passes proj_in's weights to the first attention layer (``VNLinear.factors``): a ZeRO-3
-    # trainer gathers them for this module's forward (vnt.train registers them as external parameters)
-    uses_child_weights = ("proj_in",)
 
     def __init__(self, *, dim: int, depth: int, flash_attn: bool = False, l2_dist_attn: bool = False,
                  attn_backend: str | None = None, **kwargs):
@@ -130,8 +203,8 @@ class VNTransformer(nn.Module):
     def _build(self, cfg: VNTransformerConfig) -> None:
         self.config = cfg
         self.token_emb = nn.Embedding(cfg.num_tokens, cfg.dim_feat) if cfg.num_tokens is not None else None
-        self.proj_in = VNLinear(1, cfg.dim, bias_epsilon=cfg.bias_epsilon)
-        self.encoder = VNTransformerEncoder(cfg)
+        self.encoder = VNTransformerEncoder(cfg, dim_in=1)   # the coordinates and features as one channel
+        self._register_load_state_dict_pre_hook(remap_proj_in, with_module=True)
         if cfg.reduce_dim_out:
             self.out_norm = VNLayerNorm(cfg.dim, subtract_mean=cfg.norm_subtract_mean)
             self.proj_out = VNLinear(cfg.dim, 1, bias_epsilon=cfg.bias_epsilon)
@@ -188,8 +261,7 @@ class VNTransformer(nn.Module):
                 feats = feats.masked_fill(~valid, 0.0)
             x = torch.cat((x, feats), dim=-1)
 
-        s = rearrange(x, "b n c -> b n c 1")
-        x = self.encoder(self.proj_in(s), mask=mask, factors=self.proj_in.factors(s))
+        x = self.encoder(rearrange(x, "b n c -> b n c 1"), mask=mask)
 
         if cfg.reduce_dim_out:
             x = rearrange(self.proj_out(self.out_norm(x)), "b n c 1 -> b n c")

@@ -38,7 +38,7 @@ from vnt.data import (DataConfig, DataError, DownloadUnavailable, ProteinBatches
 from vnt.denoiser import (BackboneDenoiser, TaskConfig, denoise, displacement_call, masked_mse, model_inputs,
                           rmsd_summary, validation_sums)
 from vnt.equivariance import equivariance_error, rounding_floor
-from vnt.model import VNTransformerConfig
+from vnt.model import VNTransformerConfig, zero3_external_parameters
 
 # ----------------------------------------------------------------------------------------------
 # the command line, derived from the config dataclasses (vnt.cli): --model-dim, --data-max-length, ...
@@ -46,7 +46,11 @@ from vnt.model import VNTransformerConfig
 _SECTIONS = {"model": VNTransformerConfig, "data": DataConfig, "optim": OptimConfig, "run": RunConfig,
              "task": TaskConfig}
 _FLAGS = {"run": {"run_dir": ["--run-dir", "--run-run-dir"], "max_steps": ["--max-steps", "--run-max-steps"]}}
-_RENAMED = {"--model-flash-attn": "--model-attn-backend sdpa", "--model-l2-dist-attn": "--model-attn-backend l2"}
+_RENAMED = {"--model-flash-attn": "--model-attn-backend sdpa", "--model-l2-dist-attn": "--model-attn-backend l2",
+            # the kernel plan (vnt.fast.plan) left the model config: it is process state, not the function
+            "--model-sdpa-kernels": "VNT_KERNELS=sdpa_kernels=flash+math in the environment",
+            "--model-l2-written-out-max-scores": "VNT_KERNELS=l2_written_out_max_scores=N in the environment",
+            "--model-attn-fold": "VNT_KERNELS=fold=false in the environment"}
 
 
 def build_parser() -> tuple[cli.Parser, dict[str, dict[str, str]]]:
@@ -117,26 +121,6 @@ def peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB -> MiB (process peak RSS)
 
 
-def register_zero3_external_parameters(model: torch.nn.Module) -> int:
-    """ZeRO-3 gathers a module's own parameters for its forward. vnt blocks that compute with their
-    children's weights (``uses_child_weights``: the composed feed-forward map, the folded attention
-    maps; True for every child, or the names of those it reads, such as the models' ``proj_in``, whose
-    weights the first attention layer folds) get those registered as external parameters, so the
-    folded forms stay under ZeRO-3."""
-    import deepspeed
-
-    count = 0
-    for module in model.modules():
-        uses = getattr(module, "uses_child_weights", False)
-        if uses:
-            children = module.children() if uses is True else (module.get_submodule(name) for name in uses)
-            for child in children:
-                for p in child.parameters():
-                    deepspeed.zero.register_external_parameter(module, p)
-                    count += 1
-    return count
-
-
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         import deepspeed
@@ -193,8 +177,9 @@ class Trainer:
         self.ds_config = cfg.deepspeed_config(self.world)
         self.resume_tag = self._prepare_resume()
         model = BackboneDenoiser(cfg.model, cfg.task)
-        if self.ds_config["zero_optimization"]["stage"] == 3:
-            register_zero3_external_parameters(model)
+        if self.ds_config["zero_optimization"]["stage"] == 3:  # blocks that compute with their children's weights
+            for module, param in zero3_external_parameters(model):
+                deepspeed.zero.register_external_parameter(module, param)
         self.engine, _, _, self.scheduler = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                                                  config=self.ds_config)
         self.zero_stage = self.engine.zero_optimization_stage()

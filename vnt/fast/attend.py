@@ -20,13 +20,13 @@ VNAttention folds its projections into the queries and the output map, so its ke
 the input itself; the heads are then folded into the query rows, so no head-sized copy of k or v is
 made.
 
-Tied L2 attention (the keys are the queries, ``k is q``: VNAttention's L2 self attention) runs written
-out on a CPU while its scores (b h i j) number at most ``l2_written_out_max_scores``: there the score
-matrix is q q^T, whose backward is one GEMM, (g + g^T) q, where every fused kernel runs two (dq and
-dk), and |q_j|^2 is its diagonal. Beyond the budget the SDPA kernels run (memory O(n), not O(n^2)).
-On that path VNAttention passes values already mapped to the output per head (``sum_heads``): the output is
-sum_h attn_h v_h, one GEMM per sample over (head, key) pairs, so no head-major output is written and
-copied back to the channel layout.
+Tied L2 attention (the keys are the queries: VNAttention's L2 self attention) is its own call,
+``Attend.tied_l2(q, v)``. On a CPU, while its scores (b h i j) number at most the plan's
+``l2_written_out_max_scores``, it runs written out: the score matrix is q q^T, whose backward is one
+GEMM, (g + g^T) q, where every fused kernel runs two (dq and dk), and |q_j|^2 is its diagonal.
+Beyond the budget the SDPA kernels run (memory O(n), not O(n^2)). With ``sum_heads`` the values are
+already mapped to the output per head: the output is sum_h attn_h v_h, one GEMM per sample over
+(head, key) pairs, so no head-major output is written and copied back to the channel layout.
 """
 from __future__ import annotations
 
@@ -41,23 +41,17 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from vnt.fast import plan
+
 Backend = Literal["math", "sdpa", "l2", "l2_math"]
 BACKENDS: tuple[str, ...] = typing.get_args(Backend)
 
-# preference order when a backend uses SDPA; the first kernel that accepts the inputs runs
-DEFAULT_SDPA_KERNELS = ("flash", "efficient", "math")
 _KERNELS = {
     "flash": SDPBackend.FLASH_ATTENTION,
     "efficient": SDPBackend.EFFICIENT_ATTENTION,
     "math": SDPBackend.MATH,
     "cudnn": SDPBackend.CUDNN_ATTENTION,
 }
-
-
-# tied L2 attention on a CPU runs written out up to this many scores (batch x heads x n x n; 8 MiB in
-# float32): measured faster than the CPU flash kernel there (bench: the README example, n 128 to 512;
-# the small-model length sweep), and it keeps the fused kernels' O(n) memory for long sequences
-L2_WRITTEN_OUT_MAX_SCORES = 2 ** 21
 
 _SET_PRIORITY = "set_priority" in inspect.signature(sdpa_kernel).parameters  # torch >= 2.6
 
@@ -93,23 +87,21 @@ def _key_mask(mask: Tensor | None) -> Tensor | None:
     return rearrange(mask | ~mask.any(dim=-1, keepdim=True), "b j -> b 1 1 j")
 
 
-# q q^T from this many rows on (CPU): the upper block rows only, each block below the diagonal copied
-# from its transpose (5/8 of the products at 4 blocks). Measured at the n 512 README model: the scores'
-# GEMM 87 -> 65 ms a layer; below 256 rows the blocks are too thin to win
-SYMMETRIC_GRAM_MIN_ROWS = 256
+# q q^T from the plan's symmetric_gram_min_rows on (CPU): the upper block rows only, each block below
+# the diagonal copied from its transpose (5/8 of the products at 4 blocks)
 _GRAM_BLOCKS = 4
 
 
 class _SelfGram(torch.autograd.Function):
     """q q^T over the last two axes, with a one-GEMM backward, (g + g^T) q: autograd on ``q @ q.mT``
-    runs two, as it does not know that both factors are q. From ``SYMMETRIC_GRAM_MIN_ROWS`` rows on a
-    CPU the forward computes the blocks on and above the diagonal only (the rest are their transposes)."""
+    runs two, as it does not know that both factors are q. From the plan's ``symmetric_gram_min_rows``
+    on a CPU the forward computes the blocks on and above the diagonal only (the rest are their transposes)."""
 
     @staticmethod
     def forward(ctx, q: Tensor) -> Tensor:
         ctx.save_for_backward(q)
         n = q.shape[-2]
-        if n < SYMMETRIC_GRAM_MIN_ROWS or q.device.type != "cpu":
+        if n < plan.current().symmetric_gram_min_rows or q.device.type != "cpu":
             return torch.matmul(q, q.transpose(-1, -2))
         out = None
         step = -(-n // _GRAM_BLOCKS)
@@ -133,7 +125,7 @@ class _SumHeads(torch.autograd.Function):
     """sum_h attn_h v_h: attn (b h i j), v (b h j e) -> (b i e), forward as one GEMM per sample over
     (head, key) pairs, K = h j. Its backward writes dv per head, attn_h^T g with g shared by the heads
     (a stride-0 batch): autograd's dv is one GEMM with the transposed (h j) x i attention as its left
-    factor, measured 98 -> 83 ms at the n 512 README model (8 heads x 512 keys x 4288 features)."""
+    factor, which runs slower."""
 
     @staticmethod
     def forward(ctx, attn: Tensor, v: Tensor) -> Tensor:
@@ -159,37 +151,37 @@ class _SumHeads(torch.autograd.Function):
 class Attend(nn.Module):
     """softmax attention over (b, h, n, e) tensors with a key-padding mask (b, j).
 
-    ``last_kernel`` names the kernel that ran in the latest forward ("einsum" for the written-out
-    paths, else "flash" / "efficient" / "math" / "cudnn" for SDPA), so callers can check that the
-    kernel they asked for is the one they got.
+    ``sdpa_kernels``: this module's SDPA kernel preference (default: the plan's). ``last_kernel``
+    names the kernel that ran in the latest forward ("einsum" for the written-out paths, else
+    "flash" / "efficient" / "math" / "cudnn" for SDPA), so callers can check that the kernel they
+    asked for is the one they got.
     """
 
-    def __init__(self, *, backend: str = "math", sdpa_kernels: tuple[str, ...] = DEFAULT_SDPA_KERNELS,
-                 l2_written_out_max_scores: int = L2_WRITTEN_OUT_MAX_SCORES):
+    def __init__(self, *, backend: str = "math", sdpa_kernels: tuple[str, ...] | None = None):
         super().__init__()
-        if int(l2_written_out_max_scores) < 0:
-            raise ValueError(f"l2_written_out_max_scores must be >= 0, got {l2_written_out_max_scores}")
-        self.l2_written_out_max_scores = int(l2_written_out_max_scores)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        unknown = [k for k in sdpa_kernels if k not in _KERNELS]
-        if unknown or not sdpa_kernels:
-            raise ValueError(f"sdpa_kernels must be a non-empty subset of {tuple(_KERNELS)}, got {sdpa_kernels!r}")
+        if sdpa_kernels is not None:
+            sdpa_kernels = plan.KernelPlan(sdpa_kernels=sdpa_kernels).sdpa_kernels  # validated
         self.backend = backend
-        self.sdpa_kernels = tuple(sdpa_kernels)
+        self._sdpa_kernels = sdpa_kernels
         self.last_kernel: str | None = None
         self._kernel_cache: dict[tuple, str] = {}
+
+    @property
+    def sdpa_kernels(self) -> tuple[str, ...]:
+        return self._sdpa_kernels or plan.current().sdpa_kernels
 
     @property
     def uses_sdpa(self) -> bool:
         return self.backend in ("sdpa", "l2")
 
     def tied_written_out(self, *, scores: int, device: torch.device) -> bool:
-        """Whether tied L2 attention (``k is q``) with ``scores`` = b h i j runs written out with the
-        q = k symmetry: always for "l2_math"; for "l2" on a CPU within ``l2_written_out_max_scores``."""
+        """Whether ``tied_l2`` with ``scores`` = b h i j runs written out: always for "l2_math"; for
+        "l2" on a CPU within the plan's ``l2_written_out_max_scores``."""
         if self.backend == "l2_math":
             return True
-        return self.backend == "l2" and device.type == "cpu" and scores <= self.l2_written_out_max_scores
+        return self.backend == "l2" and device.type == "cpu" and scores <= plan.current().l2_written_out_max_scores
 
     def augment_slots(self, *, heads: int, key_term: bool) -> int:
         """How many zero features a caller with keys shared by ``heads`` heads should leave at the end
@@ -198,9 +190,26 @@ class Attend(nn.Module):
             return 0
         return heads
 
+    def tied_l2(self, q: Tensor, v: Tensor, *, mask: Tensor | None = None, scale: float | None = None,
+                sum_heads: bool = False) -> Tensor:
+        """L2-distance attention whose keys are the queries: softmax(-scale |q_i - q_j|^2) v. q (b h i e),
+        v (b h j e_v) or (b 1 j e_v); with ``sum_heads``, v holds every head's values already mapped to
+        the output and the result is their sum over heads (b i e_v). Written out where
+        ``tied_written_out`` says (scores q q^T with a one-GEMM backward), else ``forward(q, q, v)``."""
+        if self.backend not in ("l2", "l2_math"):
+            raise ValueError(f"tied_l2 needs an L2 backend, this Attend is {self.backend!r}")
+        b, h, i, e = q.shape
+        if sum_heads and v.shape[1] != h:
+            raise ValueError(f"sum_heads=True needs values per head (batch, {h}, keys, features), got {tuple(v.shape)}")
+        scale = e ** -0.5 if scale is None else scale
+        if self.tied_written_out(scores=b * h * i * i, device=q.device):
+            return self._written_out(q, q, v, mask=mask, scale=scale, m=2.0, tied=True, sum_heads=sum_heads)
+        out = self(q, q, v, mask=mask, scale=scale)
+        return out.sum(dim=1) if sum_heads else out
+
     def forward(self, q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor | None = None,
                 scale: float | None = None, key_bias: Tensor | None = None, k_sq: Tensor | None = None,
-                q_spare: int = 0, sum_heads: bool = False) -> Tensor:
+                q_spare: int = 0) -> Tensor:
         """q (b h i e); k, v (b h j e'), or (b 1 j e') shared by every head, e' = e - q_spare; mask (b j)
         bool, True = keep. Returns (b h i e_v); when the keys are the values (``v is k``, VNAttention's
         folded form) and q has spare features, (b h i e): the last q_spare output features are then
@@ -209,39 +218,23 @@ class Attend(nn.Module):
         scale defaults to e' ** -0.5. key_bias (b h j) or (b 1 j): added to q.k (see the module
         docstring). For the L2 backends, ``k_sq`` (b h j) or (b 1 j) gives the squared key norms
         |k_j|^2 when q.k is a bilinear form that k alone does not determine (VNAttention's folded
-        projections); by default they are computed from k. Tied keys (``k is q``, L2 backends) that run
-        written out (``tied_written_out``) take |q_j|^2 from the scores' diagonal instead. q_spare: the last q_spare features of q are
-        zero (the caller reserved them for the augmentation slots); they may be overwritten.
-
-        sum_heads: v holds every head's values already mapped to the output (b h j e_v), and the
-        result is the sum over heads (b i e_v). Written out, that is one GEMM per sample over (head,
-        key) pairs, K = h j, with no head-major output to copy; the SDPA paths sum their outputs.
+        projections); by default they are computed from k. q_spare: the last q_spare features of q
+        are zero (the caller reserved them for the augmentation slots); they may be overwritten.
         """
         width = q.shape[-1] - q_spare
         scale = width ** -0.5 if scale is None else scale
         l2 = self.backend in ("l2", "l2_math")
         m = 2.0 if l2 else 1.0
-        b, h, i, _ = q.shape
-        if sum_heads and v.shape[1] != h:
-            raise ValueError(f"sum_heads=True needs values per head (batch, {h}, keys, features), got {tuple(v.shape)}")
-        if l2 and k is q and not q_spare and self.tied_written_out(scores=b * h * i * i, device=q.device):
-            return self._written_out(q, q, v, mask=mask, scale=scale, m=m, key_term=key_bias, tied=True,
-                                     sum_heads=sum_heads)
         term = key_bias
         if l2:
             k_sq = k.pow(2).sum(-1) if k_sq is None else k_sq
             term = -k_sq if term is None else term - k_sq
-        if q_spare:
-            q_core = q[..., :width]
-        else:
-            q_core = q
+        q_core = q[..., :width] if q_spare else q
         if self.backend in ("math", "l2_math"):
-            return self._written_out(q_core, k, v, mask=mask, scale=scale, m=m, key_term=term, sum_heads=sum_heads)
+            return self._written_out(q_core, k, v, mask=mask, scale=scale, m=m, key_term=term)
         if term is None:
-            out = self._dot_product(q_core, k, v, mask=mask, scale=scale)
-        else:
-            out = self._augmented(q, k, v, mask=mask, scale=scale, m=m, key_term=term, q_spare=q_spare)
-        return out.sum(dim=1) if sum_heads else out
+            return self._dot_product(q_core, k, v, mask=mask, scale=scale)
+        return self._augmented(q, k, v, mask=mask, scale=scale, m=m, key_term=term, q_spare=q_spare)
 
     def _augmented(self, q: Tensor, k: Tensor, v: Tensor, *, mask, scale: float, m: float, key_term: Tensor,
                    q_spare: int) -> Tensor:
