@@ -197,7 +197,7 @@ def test_profile_step_reports_where_a_step_goes(tmp_path):
     # its one attention layer is the first, folded on the factor: l2 with per-head key terms on SDPA's kernel
     assert meta["glibc_tunables"] == MALLOC_TUNABLES and meta["attn_kernel"] == "flash"
     # the tiny model has one layer: its attention is the first one, on proj_in's rank-1 factor
-    assert set(meta["block_ms"]) == {"attention, first layer (on proj_in's rank-1 factor)", "feed-forward",
+    assert set(meta["block_ms"]) == {"attention, first layer (on the embedding's rank-1 factor)", "feed-forward",
                                      "layer norm + residual"}
     assert all(v > 0 for v in meta["block_ms"].values()) and meta["step_ms"] > 0 and meta["fwd_bwd_gflop"] > 0
     md = (tmp_path / "profile_l2_n16.md").read_text()

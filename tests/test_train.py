@@ -1,6 +1,7 @@
 """The main job, end to end through launch/train.sh on CPU (DeepSpeed, gloo): every ZeRO stage and
 dtype, every shipped DeepSpeed JSON, resume (same and other world size), failures, checkpoints."""
 import json
+import math
 import shutil
 import subprocess
 import time
@@ -142,7 +143,7 @@ def test_a_rank_killed_in_a_save_loses_only_that_save(embedded, cache_dir, tmp_p
     run_dir = tmp_path / "killed"
     common = ["--run-dir", run_dir, "--max-steps", 4, "--run-ckpt-every", 2]
     t = time.perf_counter()
-    out = launch([*common, "--run-debug-crash-in-save", 4, "--run-pg-timeout-s", 30], cache_dir, timeout=240)
+    out = launch([*common, "--run-pg-timeout-s", 30], cache_dir, timeout=240, VNT_TEST_FAULTS="crash_in_save=4,rank=1")
     assert out.returncode != 0 and "dies in the save of step 4" in out.stdout, output(out)
     assert time.perf_counter() - t < 200  # the launcher ends the job when a rank dies: no hang
     ckpt = run_dir / "checkpoints"
@@ -226,7 +227,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(embedded, cache_di
 
     run_dir = tmp_path / "nan"
     common = ["--run-dir", run_dir, "--run-ckpt-every", 4]
-    out = launch([*common, "--max-steps", 10, "--run-debug-nan-step", 6], cache_dir)
+    out = launch([*common, "--max-steps", 10], cache_dir, VNT_TEST_FAULTS="nan_step=6")
     assert out.returncode != 0
     assert "non-finite loss at step 6" in out.stdout + out.stderr
     assert (run_dir / "checkpoints/latest").read_text() == "step4"
@@ -253,3 +254,33 @@ def test_run_config_json_rebuilds_the_same_config(trained):
     cfg = TrainConfig.from_dict(saved)
     assert json.loads(json.dumps(cfg.to_dict())) == saved
     assert cfg.model.dim == 8 and cfg.run.max_steps == 3
+
+
+def test_a_larger_max_steps_extends_a_resumed_run(trained, cache_dir, tmp_path):
+    """Resuming a finished 3-step run with --max-steps 5 trains steps 4 and 5 (the LR schedule's horizon
+    moves to 5, said in the log); the summary has the 5 steps and finite numbers. The same after falling
+    back from a corrupt `latest`. Asking for no more steps than the checkpoint has is a one-line usage
+    error before any process starts, naming both values."""
+    ref = trained("zero0-fp32", ds_json("zero0.json"))
+    run_dir = copy_checkpoints(ref, tmp_path / "extended")
+    out = launch([*ds_json("zero0.json"), "--run-dir", run_dir, "--max-steps", 5], cache_dir)
+    assert out.returncode == 0, output(out)
+    assert "at step 3" in out.stdout and "horizon moves from 3 to 5 steps" in out.stdout, output(out)
+    assert sorted(metrics(run_dir)) == [4, 5]
+    done = summary(run_dir)
+    assert done["steps"] == 5 and math.isfinite(done["final_loss"]) and math.isfinite(done["tokens_per_s"])
+    assert (run_dir / "checkpoints/latest").read_text() == "step5"
+
+    fallback = copy_checkpoints(ref, tmp_path / "fallback")
+    damaged = fallback / "checkpoints/step3/mp_rank_00_model_states.pt"
+    damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])
+    out = launch([*ds_json("zero0.json"), "--run-dir", fallback, "--max-steps", 5], cache_dir)
+    assert out.returncode == 0, output(out)
+    assert "resuming from step2" in out.stdout and "at step 2" in out.stdout
+    assert summary(fallback)["steps"] == 5 and sorted(metrics(fallback)) == [3, 4, 5]
+
+    out = launch([*ds_json("zero0.json"), "--run-dir", run_dir, "--max-steps", 5], cache_dir)
+    errors = [line for line in out.stderr.splitlines() if "error:" in line]
+    assert out.returncode == 2 and "spawned" not in out.stdout + out.stderr, output(out)
+    assert len(errors) == 1 and "--max-steps 5" in errors[0] and "at step 5" in errors[0], output(out)
+    assert summary(run_dir)["steps"] == 5  # the finished run's summary is untouched

@@ -36,7 +36,7 @@ class OptimConfig:
 @dataclass(frozen=True)
 class RunConfig:
     run_dir: str | None = None          # where the run writes; None: runs/<start time>, chosen by rank 0
-    max_steps: int = 6000               # optimizer steps (the LR schedule's horizon)
+    max_steps: int = 6000               # optimizer steps (the LR schedule's horizon); resuming with more extends it
     time_budget_s: float = 0.0          # train for this many seconds of step time instead: after 20 steps the horizon becomes the steps that fit (at most max_steps); 0: off
     stop_after: int = 0                 # stop (with a checkpoint) at this step, as if interrupted; 0: never
     sigma: float = 1.0                  # noise, Angstrom
@@ -57,11 +57,6 @@ class RunConfig:
     threads: int = 0                    # torch threads per process; 0: cores / local processes
     pg_timeout_s: int = 120             # a hung collective fails after this (torch default: 30 min)
     progress: bool = True               # a progress bar on rank 0
-    # failure injection for tests: a rank that crashes (in a step, or in a save), a loss that becomes NaN
-    debug_crash_step: int = -1          # (tests) the step at which debug_crash_rank raises
-    debug_crash_rank: int = 1           # (tests) the rank that crashes
-    debug_crash_in_save: int = -1       # (tests) the step whose save debug_crash_rank dies in
-    debug_nan_step: int = -1            # (tests) the step whose loss becomes NaN
 
     def __post_init__(self):
         if self.zero_stage not in (0, 1, 2, 3):

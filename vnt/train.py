@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from vnt import checkpoint, cli
+from vnt import checkpoint, cli, faults
 from vnt.config import OptimConfig, RunConfig, TrainConfig
 from vnt.data import (DataConfig, DataError, DownloadUnavailable, ProteinBatches, ShardedBatchSampler, load_proteins,
                       validation_batches)
@@ -81,8 +81,11 @@ def config_from_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
             cfg.deepspeed_config(world_size=1 if cfg.run.ds_config is None else _json_world(cfg))
             check_model(cfg)
             load_proteins(cfg.data, progress=False)
-            if cfg.run.run_dir and cfg.run.resume_from:
-                checkpoint.choose(Path(cfg.run.run_dir) / "checkpoints", resume_from=cfg.run.resume_from)
+            if cfg.run.run_dir:  # the checkpoint a launch would resume, and whether it leaves steps to train
+                chosen = checkpoint.choose(Path(cfg.run.run_dir) / "checkpoints", resume_from=cfg.run.resume_from)
+                if chosen is not None:
+                    resumed_horizon(cfg.run, step=int(chosen["step"]),
+                                    saved_max_steps=int(chosen.get("max_steps", cfg.run.max_steps)))
     except (ValueError, TypeError, ImportError, checkpoint.CheckpointError, DataError, DownloadUnavailable) as err:
         cli.fail(p, err)
     return cfg, args
@@ -119,6 +122,18 @@ def peak_memory_mib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB -> MiB (process peak RSS)
+
+
+def resumed_horizon(run: RunConfig, *, step: int, saved_max_steps: int) -> int:
+    """The steps a run resumed at ``step`` trains to: ``run.max_steps`` (a larger one extends the run
+    and the LR schedule's horizon); with a time budget, the horizon the budget fitted, at most
+    ``run.max_steps``. CheckpointError (a usage error: one line), naming both values, when that leaves
+    nothing to train."""
+    horizon = min(run.max_steps, saved_max_steps) if run.time_budget_s else run.max_steps
+    if horizon <= step:
+        raise checkpoint.CheckpointError(f"--max-steps {run.max_steps} leaves nothing to train: the checkpoint to resume is at "
+                         f"step {step}; pass --max-steps > {step} to train on, or a new --run-dir")
+    return horizon
 
 
 class Trainer:
@@ -160,6 +175,9 @@ class Trainer:
         self.resume = self._broadcast(resume)
         if isinstance(self.resume, checkpoint.CheckpointError):
             raise self.resume  # on every rank: none waits for the others
+        if self.resume is not None:  # nothing to train fails here, before the engine, on every rank
+            resumed_horizon(run, step=int(self.resume["step"]),
+                            saved_max_steps=int(self.resume.get("max_steps", run.max_steps)))
 
         torch.manual_seed(run.seed)  # same initial weights on every rank
         data = load_proteins(cfg.data, progress=self.is_main and run.progress) if self.is_main else None
@@ -191,6 +209,7 @@ class Trainer:
         self.max_steps = cfg.run.max_steps  # a time budget (run.time_budget_s) may shorten it
         self.consumed = 0  # global batches of the job's batch sequence consumed so far (all ranks)
         self.stop_requested = False
+        self.faults = faults.Faults.from_environment()  # tests inject failures here, never through the config
         signal.signal(signal.SIGTERM, self._on_sigterm)
 
     def _on_sigterm(self, signum, frame):
@@ -249,8 +268,8 @@ class Trainer:
         universal = {ds.UNIVERSAL_CHECKPOINT_VERSION_KEY: ds.UNIVERSAL_CHECKPOINT_VERSION_VALUE}
         self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, save_latest=False, client_state={
             "step": self.step, "consumed": self.consumed, ds.UNIVERSAL_CHECKPOINT_INFO: universal})
-        if self.step == run.debug_crash_in_save and self.rank == run.debug_crash_rank:
-            print(f"debug_crash_in_save: rank {self.rank} dies in the save of step {self.step}", flush=True)
+        if self.step == self.faults.crash_in_save and self.rank == self.faults.rank:
+            print(f"{faults.ENV} crash_in_save: rank {self.rank} dies in the save of step {self.step}", flush=True)
             os._exit(13)
         self.dist.barrier()  # every rank has written its files
         if self.is_main:
@@ -271,7 +290,11 @@ class Trainer:
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {self.ckpt_dir / self.resume_tag}")
         self.step, self.consumed = int(self.resume["step"]), int(self.resume["consumed"])
-        self.max_steps = min(self.max_steps, int(self.resume.get("max_steps", self.max_steps)))
+        saved = int(self.resume.get("max_steps", self.max_steps))
+        self.max_steps = resumed_horizon(self.cfg.run, step=self.step, saved_max_steps=saved)
+        if self.max_steps != saved:
+            self.log(f"resume: the LR schedule's horizon moves from {saved} to {self.max_steps} steps (warm-up "
+                     f"and cosine are the same functions of step / horizon, now over {self.max_steps} steps)")
         self.scheduler.total_num_steps = self.max_steps
         self.log(f"resumed from {path} at step {self.step} ({self.consumed} batches consumed, saved by "
                  f"{self.resume['world_size']} processes, now {self.world})")
@@ -299,7 +322,7 @@ class Trainer:
         noisy, clean, tokens, mask = (t.to(self.device) for t in (noisy, clean, tokens, mask))
         pred = denoise(self.engine, noisy, tokens, mask, scale=run.coord_scale)
         loss = masked_mse(pred, clean, mask)
-        if self.step + 1 == run.debug_nan_step:
+        if self.step + 1 == self.faults.nan_step:
             loss = loss * float("nan")
         if self._agree(not torch.isfinite(loss).item()):
             raise FloatingPointError(f"non-finite loss at step {self.step + 1} (rank {self.rank}: {loss.item()}); "
@@ -444,8 +467,8 @@ class Trainer:
             for _ in range(self.cfg.optim.grad_accum):
                 batch = next(stream)
                 self.consumed += self.world
-                if self.step + 1 == run.debug_crash_step and self.rank == run.debug_crash_rank:
-                    raise RuntimeError(f"debug_crash_step: rank {self.rank} crashes at step {self.step + 1}")
+                if self.step + 1 == self.faults.crash_step and self.rank == self.faults.rank:
+                    raise RuntimeError(f"{faults.ENV} crash_step: rank {self.rank} crashes at step {self.step + 1}")
                 t0 = time.perf_counter()
                 out = self.train_step(batch)
                 dt = time.perf_counter() - t0
