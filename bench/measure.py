@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -293,6 +294,19 @@ def time_in_subprocess(case: Case, *, rounds: int, env: dict) -> float:
                          capture_output=True, text=True, env=env, check=True,
                          cwd=os.path.dirname(os.path.dirname(__file__)))
     return float(out.stdout.strip().splitlines()[-1])
+
+
+
+def check_paired(ratios: list[float], row: dict, rows: list, key: str) -> None:
+    """What every paired benchmark asserts of its own numbers: each ratio finite and positive, the
+    row's median within its quartiles, and the row in the report."""
+    q1, q3 = row[f"{key}_q1"], row[f"{key}_q3"]
+    if not ratios or not all(math.isfinite(r) and r > 0 for r in ratios):
+        raise AssertionError(f"{row['case_id']}: ratios must be finite and positive, got {ratios}")
+    if not q1 <= row[key] <= q3:
+        raise AssertionError(f"{row['case_id']}: median {row[key]} outside its quartiles [{q1}, {q3}]")
+    if row not in rows or row.get("status") != "ok":
+        raise AssertionError(f"{row['case_id']}: no 'ok' row in the report")
 
 
 if __name__ == "__main__":

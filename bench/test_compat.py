@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from bench.cases import BACKENDS, Case
-from bench.measure import quartiles, time_fn
+from bench.measure import check_paired, quartiles, time_fn
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -59,4 +59,4 @@ def test_compat_layout_overhead(backend, benchmark, profile, rows):
                  "overhead_paired": statistics.median(ratios), "overhead_q1": q1, "overhead_q3": q3,
                  "max_abs_diff_vs_math": diff})
     benchmark.extra_info.update(rows[-1])
-    assert all(r > 0 for r in ratios)
+    check_paired(ratios, rows[-1], rows, "overhead_paired")

@@ -12,7 +12,7 @@ import statistics
 import pytest
 
 from bench.cases import BACKENDS, LONG_PAIRED, Case
-from bench.measure import build, count_flops, quartiles, step_fns, time_fn
+from bench.measure import build, check_paired, count_flops, quartiles, reference_check, step_fns, time_fn
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -47,6 +47,9 @@ def test_paired_speedup(paired, backend, benchmark, profile, rows):
            "speedup_paired": statistics.median(ratios), "speedup_q1": q1, "speedup_q3": q3,
            "original_gflop": original_flop / 1e9, "fwd_bwd_gflop": vnt_flop / 1e9, "flop_ratio": original_flop / vnt_flop,
            "original_gflop_per_s": original_flop / original_s / 1e9, "achieved_gflop_per_s": vnt_flop / vnt_s / 1e9}
+    row["max_abs_diff_vs_math"] = reference_check(ours, dev)  # correct before fast: the timed backend's numbers
     rows.append(row)
     benchmark.extra_info.update(row)
-    assert all(r > 0 for r in ratios) and original_flop > 0 and vnt_flop > 0
+    check_paired(ratios, row, rows, "speedup_paired")
+    assert row["max_abs_diff_vs_math"] < (5e-2 if backend == "l2" else 1e-3), row
+    assert original_flop > 0 and vnt_flop > 0, row
