@@ -297,10 +297,10 @@ def time_in_subprocess(case: Case, *, rounds: int, env: dict) -> float:
 
 
 
-def check_paired(ratios: list[float], row: dict, rows: list, key: str) -> None:
+def check_paired(ratios: list[float], row: dict, rows: list, key: str, *, quartile_prefix: str) -> None:
     """What every paired benchmark asserts of its own numbers: each ratio finite and positive, the
-    row's median within its quartiles, and the row in the report."""
-    q1, q3 = row[f"{key}_q1"], row[f"{key}_q3"]
+    row's median `row[key]` within its quartiles (`{quartile_prefix}_q1`, `_q3`), and the row in the report."""
+    q1, q3 = row[f"{quartile_prefix}_q1"], row[f"{quartile_prefix}_q3"]
     if not ratios or not all(math.isfinite(r) and r > 0 for r in ratios):
         raise AssertionError(f"{row['case_id']}: ratios must be finite and positive, got {ratios}")
     if not q1 <= row[key] <= q3:

@@ -35,4 +35,4 @@ def test_malloc_tunables_on_and_off(backend, benchmark, profile, rows):
            "malloc_speedup": statistics.median(ratios), "malloc_speedup_q1": q1, "malloc_speedup_q3": q3}
     rows.append(row)
     benchmark.extra_info.update(row)
-    check_paired(ratios, row, rows, "malloc_speedup")
+    check_paired(ratios, row, rows, "malloc_speedup", quartile_prefix="malloc_speedup")

@@ -59,4 +59,4 @@ def test_compat_layout_overhead(backend, benchmark, profile, rows):
                  "overhead_paired": statistics.median(ratios), "overhead_q1": q1, "overhead_q3": q3,
                  "max_abs_diff_vs_math": diff})
     benchmark.extra_info.update(rows[-1])
-    check_paired(ratios, rows[-1], rows, "overhead_paired")
+    check_paired(ratios, rows[-1], rows, "overhead_paired", quartile_prefix="overhead")

@@ -50,6 +50,6 @@ def test_paired_speedup(paired, backend, benchmark, profile, rows):
     row["max_abs_diff_vs_math"] = reference_check(ours, dev)  # correct before fast: the timed backend's numbers
     rows.append(row)
     benchmark.extra_info.update(row)
-    check_paired(ratios, row, rows, "speedup_paired")
+    check_paired(ratios, row, rows, "speedup_paired", quartile_prefix="speedup")
     assert row["max_abs_diff_vs_math"] < (5e-2 if backend == "l2" else 1e-3), row
     assert original_flop > 0 and vnt_flop > 0, row
