@@ -4,7 +4,8 @@ The package at git ``REF`` is exported to a temporary folder and imported as ``v
 the working tree's ``vnt``. Both build the original's README example (dim 64, depth 2, 8 heads x
 64, dim_feat 64, eps 1e-6, n 128, batch 2, float32) with the same weights and inputs; their
 forward+backward steps alternate (ref, ours, ref, ...) after warm-up steps, and each backend's row
-is the median of the per-pair time ratios ref / ours with a 95% bootstrap interval over the pairs.
+is the median of the per-round time ratios ref / ours with a 95% bootstrap interval over the rounds;
+with the original package installed, each round also times it and the row gives both speed-ups.
 An interval that contains 1 is "no measurable difference". Writes ``--out`` (Markdown).
 """
 from __future__ import annotations
@@ -40,6 +41,53 @@ def bootstrap(ratios: list[float], *, draws: int = 2000, seed: int = 0) -> tuple
     return meds[int(0.025 * draws)], meds[int(0.975 * draws) - 1]
 
 
+def interval(ratios: list[float]) -> str:
+    med, (lo, hi) = statistics.median(ratios), bootstrap(ratios)
+    return f"{med:.2f} ({lo:.2f}-{hi:.2f})"
+
+
+def compare(theirs, ours, Original, backend: str, args, *, ftz: bool) -> str:
+    """One row: ref and new vnt (and the original, when installed) with the same weights and inputs,
+    timed in alternating rounds."""
+    import torch
+
+    torch.manual_seed(0)
+    old = theirs.VNTransformer(**README, attn_backend=backend)
+    new = ours.VNTransformer(**README, attn_backend=backend)
+    new.load_state_dict(old.state_dict())  # older state dicts load (proj_in moved into the encoder)
+    models = [old, new]
+    if Original is not None:
+        torch.manual_seed(0)
+        models.append(Original(**README, flash_attn=backend == "sdpa", l2_dist_attn=backend == "l2"))
+    coors, feats = torch.randn(args.batch, args.n, 3), torch.randn(args.batch, args.n, 64)
+    with torch.no_grad():
+        diff = (old(coors, feats=feats)[0] - new(coors, feats=feats)[0]).abs().max().item()
+    if diff > 1e-4:
+        raise AssertionError(f"{backend}: the two versions differ by {diff}")
+
+    def timed(model):
+        t = time.perf_counter()
+        out = model(coors, feats=feats)
+        (out[0].pow(2).mean() + out[1].pow(2).mean()).backward()
+        model.zero_grad(set_to_none=True)
+        return time.perf_counter() - t
+
+    for _ in range(args.warmup):
+        for m in models:
+            timed(m)
+    rounds = [[timed(m) for m in models[::-1]][::-1] for _ in range(args.pairs)]  # original first, then ref, new
+    ratios = [r[0] / r[1] for r in rounds]
+    lo, hi = bootstrap(ratios)
+    verdict = "no measurable difference" if lo <= 1 <= hi else ("new faster" if lo > 1 else "new slower")
+    ms = lambda k: f"{statistics.median(r[k] for r in rounds) * 1e3:.1f}"
+    row = (f"| {'on' if ftz else 'off'} | {backend} | {ms(0)} | {ms(1)} | {statistics.median(ratios):.3f} | "
+           f"{lo:.3f}-{hi:.3f} | {verdict} |")
+    if Original is None:
+        return row + " not installed | | |"
+    return row + (f" {ms(2)} | {interval([r[2] / r[0] for r in rounds])} | "
+                  f"{interval([r[2] / r[1] for r in rounds])} |")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ref", required=True, help="git ref of the version to compare against")
@@ -57,43 +105,25 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(tmp))
     ours, theirs = importlib.import_module("vnt"), importlib.import_module("vnt_ref")
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    try:
+        from VN_transformer import VNTransformer as Original  # the original package (the bench extra)
+    except ImportError:
+        Original = None
     lines = [f"# vnt at {args.ref} against vnt at {head} (+ working tree)", "",
              f"`python -m bench.compare_versions --ref {args.ref}`: the original's README example (eps 1e-6, "
-             f"n {args.n}, batch {args.batch}, float32, forward+backward), {args.pairs} alternating pairs after "
-             f"{args.warmup} warm-ups each, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-             f"denormals as PyTorch's default. Ratio = ref time / new time; 95% bootstrap interval of the median.", "",
-             "| backend | ref ms | new ms | ratio | 95% interval | verdict |", "|---|---:|---:|---:|---|---|"]
-    for backend in ("math", "sdpa", "l2"):
-        torch.manual_seed(0)
-        old = theirs.VNTransformer(**README, attn_backend=backend)
-        new = ours.VNTransformer(**README, attn_backend=backend)
-        new.load_state_dict(old.state_dict())  # older state dicts load (proj_in moved into the encoder)
-        coors, feats = torch.randn(args.batch, args.n, 3), torch.randn(args.batch, args.n, 64)
-        with torch.no_grad():
-            diff = (old(coors, feats=feats)[0] - new(coors, feats=feats)[0]).abs().max().item()
-        if diff > 1e-4:
-            raise AssertionError(f"{backend}: the two versions differ by {diff}")
-
-        def step(model):
-            out = model(coors, feats=feats)
-            (out[0].pow(2).mean() + out[1].pow(2).mean()).backward()
-            model.zero_grad(set_to_none=True)
-
-        def timed(model):
-            t = time.perf_counter()
-            step(model)
-            return time.perf_counter() - t
-
-        for _ in range(args.warmup):
-            step(old)
-            step(new)
-        pairs = [(timed(old), timed(new)) for _ in range(args.pairs)]
-        ratios = [a / b for a, b in pairs]
-        med, (lo, hi) = statistics.median(ratios), bootstrap(ratios)
-        verdict = "no measurable difference" if lo <= 1 <= hi else ("new faster" if lo > 1 else "new slower")
-        lines.append(f"| {backend} | {statistics.median(a for a, _ in pairs) * 1e3:.1f} | "
-                     f"{statistics.median(b for _, b in pairs) * 1e3:.1f} | {med:.3f} | {lo:.3f}-{hi:.3f} | {verdict} |")
-        print(lines[-1], flush=True)
+             f"n {args.n}, batch {args.batch}, float32, forward+backward), {args.pairs} alternating rounds "
+             f"(original, ref, new) after {args.warmup} warm-ups each, torch {torch.__version__}, "
+             f"{torch.get_num_threads()} threads, flush-to-zero off (PyTorch's default) and on. ref/new = ref time / "
+             f"new time; speed-up = the original's time / vnt's. Medians of per-round ratios, 95% bootstrap "
+             f"interval over the rounds; an interval containing 1 is no measurable difference.", "",
+             "| ftz | backend | ref ms | new ms | ref/new | 95% interval | verdict | original ms | speed-up ref | speed-up new |",
+             "|---|---|---:|---:|---:|---|---|---:|---|---|"]
+    for ftz in (False, True):
+        torch.set_flush_denormal(ftz)
+        for backend in ("math", "sdpa", "l2"):
+            lines.append(compare(theirs, ours, Original, backend, args, ftz=ftz))
+            print(lines[-1], flush=True)
+    torch.set_flush_denormal(False)
     text = "\n".join(lines) + "\n"
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -241,11 +241,12 @@ def test_cuda_profile_command_skips_every_row_without_a_gpu(tmp_path):
 def test_compare_versions_pairs_two_vnt_versions(tmp_path):
     """python -m bench.compare_versions --ref HEAD at a tiny length: the committed package imports as
     vnt_ref beside the working tree's, both compute the same outputs, and every backend gets a row
-    with its ratio, interval and verdict."""
+    with its ratio, interval and verdict, flush-to-zero off and on."""
     from bench import compare_versions
     out = tmp_path / "versions.md"
     assert compare_versions.main(["--ref", "HEAD", "--pairs", "3", "--warmup", "1", "--n", "8", "--batch", "1",
                                   "--out", str(out)]) == 0
     rows = [line for line in out.read_text().splitlines() if line.startswith("| ") and "ms" not in line]
-    assert [r.split("|")[1].strip() for r in rows] == ["math", "sdpa", "l2"], rows
+    assert [(r.split("|")[1].strip(), r.split("|")[2].strip()) for r in rows] == [
+        (ftz, b) for ftz in ("off", "on") for b in ("math", "sdpa", "l2")], rows
     assert all(any(v in r for v in ("no measurable difference", "new faster", "new slower")) for r in rows)
