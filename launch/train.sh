@@ -12,7 +12,9 @@ import sys
 from pathlib import Path
 
 root = Path(__file__).resolve().parents[1]
-if "GLIBC_TUNABLES" not in os.environ:  # vnt's malloc settings (vnt/malloc.py), read before torch loads
+# a rank runs with vnt's malloc settings (vnt/malloc.py), which glibc reads before torch loads; the
+# wrapper's option check (--check) trains nothing and starts no second interpreter for them
+if "GLIBC_TUNABLES" not in os.environ and "--check" not in sys.argv:
     settings = {}
     exec((root / "vnt" / "malloc.py").read_text(), settings)
     os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "GLIBC_TUNABLES": settings["MALLOC_TUNABLES"]})
