@@ -4,7 +4,7 @@ The package at git ``REF`` is exported to a temporary folder and imported as ``v
 the working tree's ``vnt``. Both build the original's README example (dim 64, depth 2, 8 heads x
 64, dim_feat 64, eps 1e-6, n 128, batch 2, float32) with the same weights and inputs; their
 forward+backward steps alternate (ref, ours, ref, ...) after warm-up steps, and each backend's row
-is the median of the per-round time ratios ref / ours with a 95% bootstrap interval over the rounds;
+is the median of the per-round time ratios ref / ours with a 95% bootstrap interval over the rounds (``bench.stats``);
 with the original package installed, each round also times it and the row gives both speed-ups.
 An interval that contains 1 is "no measurable difference". Writes ``--out`` (Markdown).
 """
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import random
 import re
 import statistics
 import subprocess
@@ -20,6 +19,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bench import stats
 
 ROOT = Path(__file__).parents[1]
 README = dict(dim=64, depth=2, heads=8, dim_head=64, dim_feat=64, bias_epsilon=1e-6)
@@ -35,15 +36,9 @@ def export(ref: str, dest: Path) -> None:
         path.write_text(re.sub(r"\bvnt\.(?=[a-z_]+\b)", "vnt_ref.", text))
 
 
-def bootstrap(ratios: list[float], *, draws: int = 2000, seed: int = 0) -> tuple[float, float]:
-    rng = random.Random(seed)
-    meds = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(draws))
-    return meds[int(0.025 * draws)], meds[int(0.975 * draws) - 1]
-
-
 def interval(ratios: list[float]) -> str:
-    med, (lo, hi) = statistics.median(ratios), bootstrap(ratios)
-    return f"{med:.2f} ({lo:.2f}-{hi:.2f})"
+    lo, hi = stats.interval(ratios)
+    return f"{statistics.median(ratios):.2f} ({lo:.2f}-{hi:.2f})"
 
 
 def compare(theirs, ours, Original, backend: str, args, *, ftz: bool) -> str:
@@ -75,10 +70,14 @@ def compare(theirs, ours, Original, backend: str, args, *, ftz: bool) -> str:
     for _ in range(args.warmup):
         for m in models:
             timed(m)
-    rounds = [[timed(m) for m in models[::-1]][::-1] for _ in range(args.pairs)]  # original first, then ref, new
+    rounds = []
+    for k in range(args.pairs):  # the original first, then ref and new in an order that alternates per round
+        order = [2, 0, 1] if k % 2 == 0 else [2, 1, 0]
+        times = {i: timed(models[i]) for i in order if i < len(models)}
+        rounds.append([times[i] for i in range(len(models))])
     ratios = [r[0] / r[1] for r in rounds]
-    lo, hi = bootstrap(ratios)
-    verdict = "no measurable difference" if lo <= 1 <= hi else ("new faster" if lo > 1 else "new slower")
+    lo, hi = stats.interval(ratios)
+    verdict = stats.verdict(lo, hi, above="new faster", below="new slower")
     ms = lambda k: f"{statistics.median(r[k] for r in rounds) * 1e3:.1f}"
     row = (f"| {'on' if ftz else 'off'} | {backend} | {ms(0)} | {ms(1)} | {statistics.median(ratios):.3f} | "
            f"{lo:.3f}-{hi:.3f} | {verdict} |")
@@ -111,8 +110,8 @@ def main(argv=None) -> int:
         Original = None
     lines = [f"# vnt at {args.ref} against vnt at {head} (+ working tree)", "",
              f"`python -m bench.compare_versions --ref {args.ref}`: the original's README example (eps 1e-6, "
-             f"n {args.n}, batch {args.batch}, float32, forward+backward), {args.pairs} alternating rounds "
-             f"(original, ref, new) after {args.warmup} warm-ups each, torch {torch.__version__}, "
+             f"n {args.n}, batch {args.batch}, float32, forward+backward), {args.pairs} rounds "
+             f"(the original, then ref and new in alternating order) after {args.warmup} warm-ups each, torch {torch.__version__}, "
              f"{torch.get_num_threads()} threads, flush-to-zero off (PyTorch's default) and on. ref/new = ref time / "
              f"new time; speed-up = the original's time / vnt's. Medians of per-round ratios, 95% bootstrap "
              f"interval over the rounds; an interval containing 1 is no measurable difference.", "",

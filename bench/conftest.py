@@ -30,7 +30,7 @@ PROFILES = {"quick": dict(rounds=3, warmup=1, readme_rounds=7, long_rounds=3),
             "full": dict(rounds=10, warmup=3, readme_rounds=15, long_rounds=7),
             "train": dict(rounds=1, warmup=0, readme_rounds=1, long_rounds=1),
             "quality": dict(rounds=1, warmup=0, readme_rounds=1, long_rounds=1),
-            "tiny": dict(rounds=2, warmup=1, readme_rounds=2, long_rounds=1),
+            "tiny": dict(rounds=2, warmup=1, readme_rounds=2, long_rounds=2),
             "cuda": dict(rounds=10, warmup=3, readme_rounds=15, long_rounds=7)}
 _STARTED = time.time()
 _ENVIRONMENT: dict = {}  # hardware, versions and the git state when the session started (bench.report)
@@ -98,6 +98,16 @@ def gemm_peaks():
 @pytest.fixture
 def rows():
     return ROWS
+
+
+@pytest.fixture(params=[False, True], ids=["ftz-off", "ftz-on"])
+def ftz(request):
+    """Flush-to-zero (``torch.set_flush_denormal``) for a comparison with another package: off, PyTorch's
+    default, and on, for both packages, in the same session. Restored to off afterwards."""
+    if not torch.set_flush_denormal(request.param):
+        pytest.skip("this CPU cannot flush denormals (torch.set_flush_denormal needs SSE3 on x86)")
+    yield request.param
+    torch.set_flush_denormal(False)
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -23,6 +23,7 @@ import time
 import torch
 
 from bench.cases import Case
+from bench.stats import encode_rounds, quartiles  # noqa: F401 (quartiles: the benchmarks' import)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -88,13 +89,6 @@ def time_fn(fn, *, rounds: int, warmup: int, device: str) -> list[float]:
         sync(device)
         times.append(time.perf_counter() - t)
     return times
-
-
-def quartiles(xs: list[float]) -> tuple[float, float]:
-    if len(xs) < 2:
-        return xs[0], xs[0]
-    q = statistics.quantiles(xs, n=4)
-    return q[0], q[2]
 
 
 def count_flops(case: Case, device: str) -> int:
@@ -267,6 +261,7 @@ def measure(case: Case, *, device: str, rounds: int, warmup: int, peaks: dict[st
         "fwd_ms_q1": quartiles(t_fwd)[0] * 1e3, "fwd_ms_q3": quartiles(t_fwd)[1] * 1e3,
         "fwd_bwd_ms": fb_med * 1e3,
         "fwd_bwd_ms_q1": quartiles(t_fb)[0] * 1e3, "fwd_bwd_ms_q3": quartiles(t_fb)[1] * 1e3,
+        "fwd_bwd_ms_rounds": encode_rounds(t_fb),
         "tokens_per_s": tokens / fb_med,
         "fwd_bwd_gflop": flops / 1e9,
         "achieved_gflop_per_s": flops / fb_med / 1e9,
@@ -297,14 +292,17 @@ def time_in_subprocess(case: Case, *, rounds: int, env: dict) -> float:
 
 
 
-def check_paired(ratios: list[float], row: dict, rows: list, key: str, *, quartile_prefix: str) -> None:
+def check_paired(ratios: list[float], row: dict, rows: list, key: str) -> None:
     """What every paired benchmark asserts of its own numbers: each ratio finite and positive, the
-    row's median `row[key]` within its quartiles (`{quartile_prefix}_q1`, `_q3`), and the row in the report."""
-    q1, q3 = row[f"{quartile_prefix}_q1"], row[f"{quartile_prefix}_q3"]
+    row's median ``row[key]`` within its quartiles (``{key}_q1``, ``_q3``) and within its finite 95%
+    interval (``{key}_lo``, ``_hi``, ``bench.stats.summarize``), and the row in the report."""
     if not ratios or not all(math.isfinite(r) and r > 0 for r in ratios):
         raise AssertionError(f"{row['case_id']}: ratios must be finite and positive, got {ratios}")
+    q1, q3, lo, hi = (row[f"{key}_{s}"] for s in ("q1", "q3", "lo", "hi"))
     if not q1 <= row[key] <= q3:
         raise AssertionError(f"{row['case_id']}: median {row[key]} outside its quartiles [{q1}, {q3}]")
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo <= row[key] <= hi):
+        raise AssertionError(f"{row['case_id']}: median {row[key]} outside its 95% interval [{lo}, {hi}]")
     if row not in rows or row.get("status") != "ok":
         raise AssertionError(f"{row['case_id']}: no 'ok' row in the report")
 

@@ -15,7 +15,7 @@ from pathlib import Path
 RESULTS = Path(__file__).parents[1] / "results" / "bench"
 
 COLUMNS = [  # the tidy schema; results/README.md explains each
-    "kind", "group", "case_id", "impl", "backend", "bias_epsilon", "dtype", "n", "batch", "fusion", "dim", "depth", "heads",
+    "kind", "group", "case_id", "impl", "backend", "bias_epsilon", "dtype", "ftz", "n", "batch", "fusion", "dim", "depth", "heads",
     "dim_head", "dim_feat", "device", "status", "rounds", "warmup", "fwd_ms", "fwd_ms_q1", "fwd_ms_q3",
     "fwd_bwd_ms", "fwd_bwd_ms_q1", "fwd_bwd_ms_q3", "tokens_per_s", "fwd_bwd_gflop", "achieved_gflop_per_s",
     "gemm_peak_gflop_per_s", "peak_fraction", "peak_mem_mib", "mem_method", "equiv_rel_err", "equiv_floor_rel_err",
@@ -70,6 +70,7 @@ def to_frame(rows: list[dict]):
     for col in COLUMNS:
         if col not in df:
             df[col] = pd.NA
+    df["ftz"] = df["ftz"].fillna(False).astype(bool)  # rows measured without touching it ran at PyTorch's default
     return df[COLUMNS + [c for c in df.columns if c not in COLUMNS]]
 
 
@@ -99,9 +100,52 @@ def _config(row) -> str:
             f"dim_feat {i('dim_feat') if row['fusion'] else 'none'}, batch {i('batch')}")
 
 
+def _interval_columns(df, key: str, *, above: str, below: str):
+    """``df`` with "95% interval" (``{key}_lo``-``{key}_hi``) and "verdict" columns (``bench.stats``)."""
+    from bench import stats
+    lo, hi = df.get(f"{key}_lo"), df.get(f"{key}_hi")
+    if lo is None or hi is None:
+        return df.assign(**{"95% interval": "", "verdict": ""})
+    return df.assign(**{"95% interval": [f"{a:.3g}-{b:.3g}" if a == a else "" for a, b in zip(lo, hi)],
+                        "verdict": [stats.verdict(a, b, above=above, below=below) for a, b in zip(lo, hi)]})
+
+
+def stats_verdict(lo: float, hi: float, *, above: str, below: str) -> str:
+    from bench import stats
+    return stats.verdict(lo, hi, above=above, below=below)
+
+
+def _rounds_ratio(num, den) -> tuple[float, float, float]:
+    """median(num) / median(den) of two ``*_rounds`` cells and its 95% interval (NaN without rounds)."""
+    import statistics
+
+    from bench import stats
+    a, b = stats.decode_rounds(num), stats.decode_rounds(den)
+    if not a or not b:
+        return float("nan"), float("nan"), float("nan")
+    return (statistics.median(a) / statistics.median(b), *stats.ratio_interval(a, b))
+
+
+def _unpaired_table(pairs: list[tuple[str, object, object]], *, label: str, above: str, below: str):
+    """One row per (name, numerator row, denominator row): both medians, their ratio with its 95%
+    interval from the rows' repeats, and the verdict."""
+    import pandas as pd
+
+    from bench import stats
+    out = []
+    for name, num, den in pairs:
+        ratio, lo, hi = _rounds_ratio(num.get("fwd_bwd_ms_rounds"), den.get("fwd_bwd_ms_rounds"))
+        out.append({"": name, "numerator_ms": num["fwd_bwd_ms"], "denominator_ms": den["fwd_bwd_ms"], label: ratio,
+                    "95% interval": f"{lo:.3g}-{hi:.3g}" if lo == lo else "",
+                    "verdict": stats.verdict(lo, hi, above=above, below=below)})
+    return pd.DataFrame(out).set_index("").round(3)
+
+
 def render(out_dir: Path = RESULTS) -> None:
     import pandas as pd
     df = pd.read_csv(out_dir / "latest.csv")
+    if "ftz" not in df:  # reports from before the flush-to-zero column ran at PyTorch's default
+        df["ftz"] = False
     meta = json.loads((out_dir / "latest.meta.json").read_text())
     ok = df[(df["kind"] == "case") & (df["status"] == "ok")]
     grid, _, length = split_views(ok)
@@ -119,22 +163,42 @@ def render(out_dir: Path = RESULTS) -> None:
              "bfloat16 runs under autocast over float32 weights.", ""]
     paired = df[df["kind"] == "paired"]
     if len(paired):
+        paired = paired.assign(ftz=paired["ftz"].map(lambda v: "on" if v else "off"))
         lines += ["## Paired speed-up over the original (float32, forward+backward)", "",
                   "Steps of the two models alternate in one process; speed-up = median of the per-pair time "
-                  "ratios original / vnt, with quartiles. `readme` is the original's README example (dim 64, "
-                  "depth 2, 8 heads x 64, dim_feat 64, bias_epsilon 1e-6, n 128, batch 2); `readme-eps0` the same "
-                  "at epsilon 0; `n512` the README example at n 512, batch 1; `depth6` the README example at "
-                  "depth 6 (vnt's first attention layer runs on proj_in's rank-1 factor, nearly free, so deeper "
-                  "models gain less).", "",
-                  _table(paired.assign(bias_epsilon=paired["bias_epsilon"].map(lambda e: f"{e:g}"))
-                         .set_index(["paired_config", "backend"])[
-                      ["bias_epsilon", "depth", "n", "batch", "original_ms", "fwd_bwd_ms", "speedup_paired", "speedup_q1",
-                       "speedup_q3", "rounds"]].rename(columns={"fwd_bwd_ms": "vnt_ms"}).round(3)), ""]
+                  "ratios original / vnt, with a 95% bootstrap interval over the pairs (`bench.stats`; an interval "
+                  "that contains 1 is no measurable difference on this machine). `ftz`: flush-to-zero "
+                  "(`torch.set_flush_denormal`) off, PyTorch's default, or on, for both packages. `readme` is the "
+                  "original's README example (dim 64, depth 2, 8 heads x 64, dim_feat 64, bias_epsilon 1e-6, n 128, "
+                  "batch 2); `readme-eps0` the same at epsilon 0; `n512` the README example at n 512, batch 1; "
+                  "`depth6` the README example at depth 6 (vnt's first attention layer runs on proj_in's rank-1 "
+                  "factor, nearly free, so deeper models gain less).", "",
+                  _table(_interval_columns(paired, "speedup_paired", above="vnt faster", below="vnt slower")
+                         .set_index(["paired_config", "backend", "ftz"])[
+                      ["original_ms", "fwd_bwd_ms", "speedup_paired", "95% interval", "verdict", "rounds"]]
+                         .rename(columns={"fwd_bwd_ms": "vnt_ms"}).sort_index().round(3)), ""]
+        cost = []
+        for (config, backend), g in paired.groupby(["paired_config", "backend"]):
+            off, on = g[g["ftz"] == "off"], g[g["ftz"] == "on"]
+            if not len(off) or not len(on):
+                continue
+            off, on = off.iloc[0], on.iloc[0]
+            for package, column in (("original", "original_ms_rounds"), ("vnt", "fwd_bwd_ms_rounds")):
+                ratio, lo, hi = _rounds_ratio(off.get(column), on.get(column))
+                cost.append({"paired_config": config, "backend": backend, "package": package,
+                             "ftz off / on": ratio, "95% interval": f"{lo:.3g}-{hi:.3g}" if lo == lo else "",
+                             "verdict": stats_verdict(lo, hi, above="slower with denormals",
+                                                      below="faster with denormals")})
+        if cost:
+            import pandas as pd
+            lines += ["What denormal floats cost each package: its median step with flush-to-zero off / on (the "
+                      "two settings' repeats resampled independently; 1 = no cost).", "",
+                      _table(pd.DataFrame(cost).set_index(["paired_config", "backend", "package"]).round(3)), ""]
         if "flop_ratio" in paired:
             lines += ["Where the speed-up comes from: FLOPs of one forward+backward (FlopCounterMode, written-out "
                       "attention paths), and the FLOP/s each step achieved at the medians above; speed-up = "
                       "flop_ratio x vnt_gflop_per_s / original_gflop_per_s.", "",
-                      _table(paired.set_index(["paired_config", "backend"])[
+                      _table(paired.set_index(["paired_config", "backend", "ftz"])[
                           ["original_gflop", "fwd_bwd_gflop", "flop_ratio", "original_gflop_per_s",
                            "achieved_gflop_per_s"]].rename(columns={"fwd_bwd_gflop": "vnt_gflop",
                                                                     "achieved_gflop_per_s": "vnt_gflop_per_s"})
@@ -159,6 +223,17 @@ def render(out_dir: Path = RESULTS) -> None:
                   "Fraction of the measured float32 GEMM peak:", "",
                   _table(rows_.pivot_table(index="backend", columns="impl", values="peak_fraction",
                                            aggfunc="first").round(3)), ""]
+    eager = ok[(ok["group"] == "readme") & (ok["impl"] == "vnt")]
+
+    def against_eager(rows_, *, label, above, below):
+        """Each row of ``rows_`` against the eager float32 README row of its backend and epsilon."""
+        pairs = []
+        for _, r in rows_.iterrows():
+            base = eager[(eager["backend"] == r["backend"]) & (eager["bias_epsilon"] == r["bias_epsilon"])]
+            if len(base):
+                pairs.append((f"{r['backend']}, eps {r['bias_epsilon']:g}", base.iloc[0], r))
+        return _unpaired_table(pairs, label=label, above=above, below=below) if pairs else None
+
     compiled = df[(df["kind"] == "case") & (df["group"] == "compile")]
     if len(compiled):
         lines += ["## torch.compile (inductor) at the README example", "",
@@ -167,6 +242,11 @@ def render(out_dir: Path = RESULTS) -> None:
                   _table(compiled.set_index("backend")[[c for c in ("status", "compile_s", "fwd_bwd_ms",
                                                                     "max_abs_diff_vs_eager") if c in compiled]]
                          .round(4)), ""]
+        table = against_eager(compiled[compiled["status"] == "ok"], label="eager / compiled",
+                              above="compiled faster", below="compiled slower")
+        if table is not None:
+            lines += ["Eager (numerator) / compiled (denominator) step, timed one model at a time; the interval "
+                      "resamples both rows' repeats:", "", _table(table), ""]
     bf16 = ok[ok["group"] == "bf16"]
     if len(bf16):
         lines += [f"## bfloat16 autocast at the README example (CPU flags: {meta.get('cpu_flags', '?')})", "",
@@ -174,16 +254,24 @@ def render(out_dir: Path = RESULTS) -> None:
                   "without it bf16 matmuls are emulated and slower than float32, which says nothing about vnt.", "",
                   _table(bf16.set_index("backend")[["bf16_native", "fwd_bwd_ms", "equiv_rel_err",
                                                     "equiv_floor_rel_err"]].round(4)), ""]
+        table = against_eager(bf16, label="float32 / bf16", above="bf16 faster", below="bf16 slower")
+        if table is not None:
+            lines += ["float32 (numerator) / bf16 autocast (denominator) step:", "", _table(table), ""]
     alloc = df[df["kind"] == "allocator"]
     if len(alloc):
         lines += ["## Allocator: vnt's glibc malloc settings on and off (README example, fresh processes)", "",
-                  _table(alloc.set_index("backend")[["system_malloc_ms", "fwd_bwd_ms", "malloc_speedup",
-                                                     "malloc_speedup_q1", "malloc_speedup_q3", "rounds"]].round(3)), ""]
+                  "malloc_speedup: system malloc / vnt's settings, median of pairs of processes, 95% interval.", "",
+                  _table(_interval_columns(alloc, "malloc_speedup", above="vnt's settings faster",
+                                           below="vnt's settings slower").set_index("backend")[
+                      ["system_malloc_ms", "fwd_bwd_ms", "malloc_speedup", "95% interval", "verdict", "rounds"]]
+                         .round(3)), ""]
     compat = df[df["kind"] == "compat"]
     if len(compat):
         lines += ["## The original's layout: public encoder (b, n, dim, c) / vnt.layers encoder (b, n, c, dim)", "",
-                  _table(compat.set_index("backend")[["fwd_bwd_ms", "layers_fwd_bwd_ms", "overhead_paired",
-                                                      "overhead_q1", "overhead_q3", "rounds"]].round(3)), ""]
+                  _table(_interval_columns(compat, "overhead_paired", above="public layout slower",
+                                           below="public layout faster").set_index("backend")[
+                      ["fwd_bwd_ms", "layers_fwd_bwd_ms", "overhead_paired", "95% interval", "verdict", "rounds"]]
+                         .round(3)), ""]
     if len(length):
         r = length.iloc[0]
         lines += [f"## Tokens/s (forward+backward) by backend and length ({_config(r)}, float32, eps 0)", "",
@@ -213,8 +301,15 @@ def render(out_dir: Path = RESULTS) -> None:
     scaling = df[df["kind"] == "scaling"]
     if len(scaling):
         lines += ["## Data-parallel scaling (DeepSpeed, weak scaling, same per-process batch)", "",
-                  _table(scaling[["world_size", "steps_per_s", "scaling_efficiency", "status"]].set_index("world_size")
-                         .round(3)), ""]
+                  "steps_per_s: 1 / the median step time after warm-up; scaling_efficiency: the one-process median "
+                  "step / this one's, with a 95% interval that resamples both runs' steps. On a machine with fewer "
+                  "cores than threads asked for, the processes share cores: the figure then measures sharing. "
+                  "compute_ms / allreduce_ms: the median time per step outside and inside the gradient all-reduce "
+                  "(where measured).", "",
+                  _table(_interval_columns(scaling, "scaling_efficiency", above="superlinear", below="below linear")
+                         .set_index("world_size")[[c for c in ("steps_per_s", "scaling_efficiency", "95% interval",
+                                                               "verdict", "compute_ms", "allreduce_ms", "status")
+                                                   if c in scaling or c in ("95% interval", "verdict")]].round(3)), ""]
     skipped = df[df["status"] != "ok"]
     if len(skipped):
         lines += ["## Rows not measured", "", _table(skipped[["case_id", "status"]].set_index("case_id")), ""]
@@ -289,10 +384,12 @@ def write_train(rows: list[dict], *, protocol: dict, out_dir: Path = TRAIN) -> P
 def settings_table(df):
     """One row per setting: mean over seeds, and the spread (max - min) of the RMSD ratio."""
     ok = df[df["status"] == "ok"]
+    if "ftz" not in ok:  # leagues from before the flush-to-zero cases
+        ok = ok.assign(ftz=False)
     g = ok.groupby("setting")
     table = g.agg(group=("group", "first"), network=("network", "first"), backend=("backend", "first"),
                   bias_epsilon=("bias_epsilon", "first"), bf16=("bf16", "first"), world=("world", "first"),
-                  seeds=("seed", "count"), val_rmsd_ratio=("val_rmsd_ratio", "mean"),
+                  ftz=("ftz", "first"), seeds=("seed", "count"), val_rmsd_ratio=("val_rmsd_ratio", "mean"),
                   ratio_spread=("val_rmsd_ratio", lambda v: v.max() - v.min()),
                   val_rmsd_denoised=("val_rmsd_denoised", "mean"), equiv_rel_err=("equiv_rel_err", "max"),
                   equiv_floor_rel_err=("equiv_floor_rel_err", "max"), tokens_per_s=("tokens_per_s", "mean"),
@@ -319,6 +416,8 @@ def _best(table, mask, label: str) -> dict:
 def render_train(out_dir: Path = TRAIN) -> None:
     import pandas as pd
     df = pd.read_csv(out_dir / "latest.csv")
+    if "ftz" not in df:  # reports from before the flush-to-zero column ran at PyTorch's default
+        df["ftz"] = False
     meta = json.loads((out_dir / "latest.meta.json").read_text())
     table = settings_table(df)
     base = table["network"] == "vnt"
@@ -419,42 +518,85 @@ def load_run(path: Path):
     return pd.read_csv(path)
 
 
-COMPARED = {"fwd_bwd_ms": ("fwd_bwd_ms_q1", "fwd_bwd_ms_q3"), "speedup_paired": ("speedup_q1", "speedup_q3"),
-            "val_rmsd_ratio": (None, None), "tokens_per_s": (None, None)}
+# metric: (its repeats: a rounds column, or the two columns whose per-pair ratio it is; its quartile
+# columns (older reports); whether higher is better; the words for a change up and down)
+COMPARED = {
+    "fwd_bwd_ms": ("fwd_bwd_ms_rounds", ("fwd_bwd_ms_q1", "fwd_bwd_ms_q3"), False, ("faster", "slower")),
+    "speedup_paired": (("original_ms_rounds", "fwd_bwd_ms_rounds"), ("speedup_paired_q1", "speedup_paired_q3"), True,
+                       ("faster", "slower")),
+    "tokens_per_s": (None, (None, None), True, ("faster", "slower")),
+    "val_rmsd_ratio": (None, (None, None), False, ("better", "worse")),
+}
+COMPARE_TEST = ("95% percentile-bootstrap interval of median(new) / median(old), both runs' repeats resampled "
+                "independently (bench.stats.ratio_interval); without repeats, disjoint quartile ranges; "
+                "otherwise within noise")
+
+
+def _repeats(row, source):
+    """A row's repeats of a metric: a rounds column, or per-pair ratios of two (None: not recorded)."""
+    from bench import stats
+    if source is None:
+        return None
+    if isinstance(source, str):
+        return stats.decode_rounds(row.get(source))
+    num, den = (stats.decode_rounds(row.get(c)) for c in source)
+    return [a / b for a, b in zip(num, den)] if num and den and len(num) == len(den) else None
+
+
+def _quartile_columns(frame, q1: str, q3: str) -> tuple[str, str]:
+    """The quartile columns of a run (before the 95% intervals, speedup_paired's were speedup_q1/_q3)."""
+    if q1 and q1 not in frame and q1.startswith("speedup_paired"):
+        return "speedup_q1", "speedup_q3"
+    return q1, q3
 
 
 def compare(old: Path, new: Path, *, png: Path | None = None):
-    """Per case and metric: old, new, new / old, and whether the change falls outside both runs'
-    quartile ranges (where the rows have them)."""
+    """Per case and metric: old, new, new / old with its 95% interval from both runs' repeats, and
+    whether the case got faster, slower or stayed within noise (``COMPARE_TEST``)."""
     import pandas as pd
-    a, b = (load_run(p).drop_duplicates("case_id") for p in (old, new))
+
+    from bench import stats
+    a, b = (load_run(p).drop_duplicates("case_id").set_index("case_id") for p in (old, new))
     rows = []
-    for metric, (lo, hi) in COMPARED.items():
+    for metric, (source, (q1, q3), higher, (up, down)) in COMPARED.items():
         if metric not in a or metric not in b:
             continue
-        cols = [c for c in (metric, lo, hi) if c]
-        merged = pd.merge(a.set_index("case_id")[[c for c in cols if c in a]].add_suffix("_old"),
-                          b.set_index("case_id")[[c for c in cols if c in b]].add_suffix("_new"),
-                          left_index=True, right_index=True).dropna(subset=[f"{metric}_old", f"{metric}_new"])
-        for case, r in merged.iterrows():
-            outside = ""
-            if lo and f"{lo}_old" in r and f"{hi}_new" in r and pd.notna(r.get(f"{lo}_old")) and pd.notna(r.get(f"{lo}_new")):
-                disjoint = r[f"{hi}_new"] < r[f"{lo}_old"] or r[f"{lo}_new"] > r[f"{hi}_old"]
-                outside = "yes" if disjoint else "no"
-            rows.append({"case_id": case, "metric": metric, "old": r[f"{metric}_old"], "new": r[f"{metric}_new"],
-                         "new/old": r[f"{metric}_new"] / r[f"{metric}_old"] if r[f"{metric}_old"] else float("nan"),
-                         "outside both quartile ranges": outside})
-    table = pd.DataFrame(rows, columns=["case_id", "metric", "old", "new", "new/old", "outside both quartile ranges"])
+        qa, qb = _quartile_columns(a, q1, q3), _quartile_columns(b, q1, q3)
+        for case in a.index.intersection(b.index):
+            ra, rb = a.loc[case], b.loc[case]
+            if pd.isna(ra[metric]) or pd.isna(rb[metric]) or not ra[metric]:
+                continue
+            ratio = rb[metric] / ra[metric]
+            lo = hi = float("nan")
+            reps_a, reps_b = _repeats(ra, source), _repeats(rb, source)
+            if reps_a and reps_b:
+                lo, hi = stats.ratio_interval(reps_b, reps_a)
+                basis = "repeats"
+                change = stats.verdict(lo, hi, above="up", below="down")
+            elif qa[0] in ra and qb[0] in rb and all(pd.notna(v) for v in (ra[qa[0]], ra[qa[1]], rb[qb[0]], rb[qb[1]])):
+                basis = "quartiles"
+                change = ("up" if rb[qb[0]] > ra[qa[1]] else "down" if rb[qb[1]] < ra[qa[0]] else stats.NO_DIFFERENCE)
+            else:
+                basis, change = "none", stats.NO_DIFFERENCE
+            if change == "up":
+                change = up if higher else down
+            elif change == "down":
+                change = down if higher else up
+            else:
+                change = "within noise"
+            rows.append({"case_id": case, "metric": metric, "old": ra[metric], "new": rb[metric], "new/old": ratio,
+                         "95% interval": f"{lo:.3g}-{hi:.3g}" if lo == lo else "", "basis": basis, "change": change})
+    table = pd.DataFrame(rows, columns=["case_id", "metric", "old", "new", "new/old", "95% interval", "basis", "change"])
     if png is not None and len(table):
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         t = table[table["metric"] == table["metric"].iloc[0]]
         fig, ax = plt.subplots(figsize=(7, max(2.5, 0.22 * len(t))))
-        colors = ["tab:red" if o == "yes" else "tab:gray" for o in t["outside both quartile ranges"]]
+        colors = ["tab:gray" if c == "within noise" else "tab:red" for c in t["change"]]
         ax.barh(t["case_id"], t["new/old"], color=colors)
         ax.axvline(1.0, color="black", linewidth=0.8)
-        ax.set_xlabel(f"{t['metric'].iloc[0]}: new / old (red: outside both runs' quartile ranges)")
+        ax.set_xlabel(f"{t['metric'].iloc[0]}: new / old (red: a change beyond noise)")
         ax.set_title(f"{Path(old).name} -> {Path(new).name}", fontsize=9)
         ax.tick_params(axis="y", labelsize=6)
         fig.tight_layout()
@@ -463,18 +605,30 @@ def compare(old: Path, new: Path, *, png: Path | None = None):
     return table
 
 
+def summary_line(table) -> str:
+    """"3 faster, 1 slower, 58 within noise" over the table's cases and metrics."""
+    counts = table["change"].value_counts()
+    words = ["faster", "slower"] + [w for w in ("better", "worse") if counts.get(w, 0)] + ["within noise"]
+    return ", ".join(f"{int(counts.get(w, 0))} {w}" for w in words)
+
+
 def main(argv=None) -> int:
     import argparse
     p = argparse.ArgumentParser(prog="python -m bench.report", allow_abbrev=False,
                                 description="Re-render a report folder, or compare two runs.")
     p.add_argument("folder", nargs="?", default=str(RESULTS), help="report folder to re-render (default results/bench)")
     p.add_argument("--compare", nargs=2, metavar=("OLD", "NEW"),
-                   help="two report CSVs or pytest-benchmark JSONs: a per-case table of ratios")
+                   help="two report CSVs or pytest-benchmark JSONs: per case, new / old and faster, slower or within noise")
     p.add_argument("--png", help="with --compare: also plot the ratios here")
     args = p.parse_args(argv)
     if args.compare:
         table = compare(Path(args.compare[0]), Path(args.compare[1]), png=Path(args.png) if args.png else None)
-        print(table.to_markdown(index=False, floatfmt=".4g") if len(table) else "no case in common")
+        if not len(table):
+            print("no case in common")
+            return 0
+        print(table.to_markdown(index=False, floatfmt=".4g"))
+        print(f"\ntest: {COMPARE_TEST}")
+        print(summary_line(table))
         return 0
     folder = Path(args.folder)
     (render_train if (folder / "latest.csv").exists() and "setting" in open(folder / "latest.csv").readline()

@@ -7,7 +7,8 @@ import statistics
 import pytest
 
 from bench.cases import Case
-from bench.measure import check_paired, quartiles, time_in_subprocess
+from bench.measure import check_paired, time_in_subprocess
+from bench.stats import summarize
 
 
 @pytest.mark.parametrize("backend", ["math", "sdpa"])
@@ -27,12 +28,11 @@ def test_malloc_tunables_on_and_off(backend, benchmark, profile, rows):
 
     benchmark.pedantic(one_pair, rounds=profile["long_rounds"], iterations=1)
     ratios = [off / on for off, on in pairs]
-    q1, q3 = quartiles(ratios)
     row = {**case.to_dict(), "kind": "allocator", "case_id": f"allocator-{backend}", "device": "cpu", "status": "ok",
            "rounds": len(pairs), "malloc_tunables": MALLOC_TUNABLES,
            "system_malloc_ms": statistics.median(off for off, _ in pairs) * 1e3,
            "fwd_bwd_ms": statistics.median(on for _, on in pairs) * 1e3,
-           "malloc_speedup": statistics.median(ratios), "malloc_speedup_q1": q1, "malloc_speedup_q3": q3}
+           **summarize(ratios, "malloc_speedup")}
     rows.append(row)
     benchmark.extra_info.update(row)
-    check_paired(ratios, row, rows, "malloc_speedup", quartile_prefix="malloc_speedup")
+    check_paired(ratios, row, rows, "malloc_speedup")

@@ -2,7 +2,7 @@
 transpose in and one out) against the channels-last encoder it wraps (vnt.model), same weights.
 
 Steps of the two alternate in one process; the row reports the median and quartiles of the
-per-pair time ratios (public / channels-last) at the README configuration.
+per-pair time ratios (public / channels-last) with a 95% bootstrap interval at the README configuration.
 """
 import statistics
 
@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from bench.cases import BACKENDS, Case
-from bench.measure import check_paired, quartiles, time_fn
+from bench.measure import check_paired, time_fn
+from bench.stats import summarize
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -51,12 +52,11 @@ def test_compat_layout_overhead(backend, benchmark, profile, rows):
 
     benchmark.pedantic(measure_one_pair, rounds=profile["readme_rounds"], iterations=1)
     ratios = [p / f for p, f in pairs]
-    q1, q3 = quartiles(ratios)
     rows.append({**case.to_dict(), "kind": "compat", "case_id": f"compat-{backend}", "impl": "vnt-public/vnt-layers",
                  "device": dev, "status": "ok", "rounds": len(pairs), "warmup": profile["warmup"],
                  "fwd_bwd_ms": statistics.median(p for p, _ in pairs) * 1e3,
                  "layers_fwd_bwd_ms": statistics.median(f for _, f in pairs) * 1e3,
-                 "overhead_paired": statistics.median(ratios), "overhead_q1": q1, "overhead_q3": q3,
+                 **summarize(ratios, "overhead_paired"),
                  "max_abs_diff_vs_math": diff})
     benchmark.extra_info.update(rows[-1])
-    check_paired(ratios, rows[-1], rows, "overhead_paired", quartile_prefix="overhead")
+    check_paired(ratios, rows[-1], rows, "overhead_paired")

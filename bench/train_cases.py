@@ -4,7 +4,8 @@ same seeds, data order, crops, noise and optimizer.
 
 Axes: attention backend; bias epsilon; float32 vs bf16; 1 vs 2 processes (same global batch: one
 process accumulates two micro batches); peer networks trained by the same loop (vnt.peers): the
-original VN-transformer 0.1.0 and En-Transformer. ``pytest --benchmark-only --bench-profile train``.
+original VN-transformer 0.1.0 and En-Transformer; flush-to-zero off (PyTorch's default) and on for
+vnt and the peers, so that their throughput compares with denormals controlled. ``pytest --benchmark-only --bench-profile train``.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ class TrainCase:
     time_budget_s: float = 0.0      # train for this long instead (the horizon fitted after 20 steps); 0: steps
     points: str = "residue"         # vnt: a point per residue (its 4 atoms as 4 vector channels, the default), or per atom
     size: str = "default"           # the model: default (the main job's), or large (SIZES)
+    ftz: bool = False               # flush denormals to zero in every rank (--run-flush-denormal true)
 
     @property
     def setting(self) -> str:
@@ -37,6 +39,8 @@ class TrainCase:
                  + ("" if self.size == "default" else f"-{self.size}"), self.backend,
                  f"eps{self.bias_epsilon:g}", "bf16" if self.bf16 else "fp32", f"w{self.world}"]
         parts.append(f"{self.time_budget_s:g}s" if self.time_budget_s else f"{self.steps}steps")
+        if self.ftz:
+            parts.append("ftz")
         return "-".join(parts)
 
     @property
@@ -56,6 +60,8 @@ class TrainCase:
         if self.time_budget_s:
             args += ["--run-time-budget-s", str(self.time_budget_s)]
         args += SIZES.get(self.size, [])
+        if self.ftz:
+            args += ["--run-flush-denormal", "true"]
         if self.world == 1:
             args += ["--optim-grad-accum", "2"]
         return args
@@ -68,6 +74,8 @@ def train_cases(steps: int = 400, seeds=SEEDS) -> list[TrainCase]:
     settings += [TrainCase(bias_epsilon=e, group="epsilon") for e in (1e-6, 1e-4, 1e-2)]
     settings += [TrainCase(bf16=True, group="bf16"), TrainCase(world=1, group="world")]
     settings += [TrainCase(network=n, group="peer") for n in ("vn-transformer-0.1.0", "en-transformer")]
+    # the throughput comparison with the peers, with denormals flushed to zero in every package too
+    settings += [TrainCase(network=n, ftz=True, group="ftz") for n in ("vnt", "vn-transformer-0.1.0", "en-transformer")]
     return [TrainCase(**{**asdict(c), "seed": s, "steps": steps}) for c in settings for s in seeds]
 
 
@@ -82,5 +90,6 @@ def quality_cases(budget_s: float = 150.0, seeds=SEEDS) -> list[TrainCase]:
 
 
 def tiny_train_cases() -> list[TrainCase]:
-    """A few steps of one case: what the test suite runs to check the harness."""
-    return [TrainCase(steps=4, seed=0, group="backend")]
+    """A few steps of one case, with flush-to-zero on (the flag's path): what the test suite runs to
+    check the harness."""
+    return [TrainCase(steps=4, seed=0, group="ftz", ftz=True)]

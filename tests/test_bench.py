@@ -70,6 +70,14 @@ def test_tiny_session_report_has_the_columns_and_no_unexplained_nan(tiny_session
     assert stamped and all(p.with_suffix(".meta.json").exists() for p in stamped)  # dated CSVs carry metadata
     md = (tiny_session / "latest.md").read_text()
     assert "Protocol" in md and "Paired speed-up" in md and "torch.compile" in md
+    assert "What denormal floats cost each package" in md and "95% interval" in md
+    paired = df[df["kind"] == "paired"]
+    assert set(paired["ftz"]) == {False, True} and not paired[["speedup_paired_lo", "speedup_paired_hi"]].isna().any().any()
+    assert (paired["speedup_paired_lo"] <= paired["speedup_paired"]).all()
+    assert (paired["speedup_paired"] <= paired["speedup_paired_hi"]).all()
+    for kind, key in (("compat", "overhead_paired"), ("allocator", "malloc_speedup")):
+        rows_ = df[df["kind"] == kind]
+        assert len(rows_) and not rows_[[f"{key}_lo", f"{key}_hi"]].isna().any().any(), kind
     league = pd.read_csv(tiny_session / "train-bench" / "latest.csv")
     assert len(league) == 1 and 0 < league["val_rmsd_ratio"].iloc[0] < 2
     assert (tiny_session / "train-bench" / "latest.md").exists()
@@ -84,8 +92,12 @@ def test_benchmark_json_holds_every_metric(tiny_session):
                 "achieved_gflop_per_s", "peak_fraction", "peak_mem_mib", "equiv_rel_err", "max_abs_diff_vs_math"):
         assert key in step and step[key] == step[key], key  # present and not NaN
     paired = [v for k, v in info.items() if k.startswith("test_paired_speedup")]
-    assert paired and all({"speedup_paired", "speedup_q1", "speedup_q3", "original_ms"} <= set(v) for v in paired)
+    keys = {"speedup_paired", "speedup_paired_q1", "speedup_paired_q3", "speedup_paired_lo", "speedup_paired_hi",
+            "original_ms", "original_ms_rounds", "fwd_bwd_ms_rounds", "ftz"}
+    assert paired and all(keys <= set(v) for v in paired)
+    assert {v["ftz"] for v in paired} == {False, True}  # flush-to-zero off and on in the same session
     paired_rounds = [b["stats"]["rounds"] for b in data["benchmarks"] if b["name"].startswith("test_paired_speedup")]
+    assert len(paired_rounds) == 2 * 3  # ftz off and on x the backends
     assert all(r == 2 for r in paired_rounds)  # one round per measured pair
     assert any("overhead_paired" in v for v in info.values()) and any("malloc_speedup" in v for v in info.values())
     league = next(v for k, v in info.items() if k.startswith("test_train_case"))
@@ -100,8 +112,81 @@ def test_report_compares_two_committed_runs_and_two_jsons(tiny_session, tmp_path
     assert report.main(["--compare", str(committed[0]), str(committed[-1]), "--png", str(tmp_path / "c.png")]) == 0
     out = capsys.readouterr().out
     assert "new/old" in out and "fwd_bwd_ms" in out and (tmp_path / "c.png").stat().st_size > 0
+    assert "test: 95% percentile-bootstrap interval" in out and "within noise" in out.splitlines()[-1]
     table = report.compare(tiny_session / "out.json", tiny_session / "out.json")
-    assert len(table) and (table["new/old"] == 1).all()
+    assert len(table) and (table["new/old"] == 1).all() and (table["change"] == "within noise").all()
+    assert (table["basis"] == "repeats").any()  # the JSON rows carry their repeats
+
+
+def _synthetic_run(path: Path, *, seed: int, factors: dict[str, float], cases: int = 12, rounds: int = 15) -> Path:
+    """A report CSV of ``cases`` step rows whose 15 repeats are drawn around 100 ms (3% noise), times
+    ``factors[case_id]``; and one paired row whose speed-up is 5 (times its factor)."""
+    import random
+
+    import pandas as pd
+
+    from bench import stats
+    rng = random.Random(seed)
+    rows = []
+    for k in range(cases):
+        case = f"case{k}"
+        times = [rng.gauss(0.1, 0.003) * factors.get(case, 1.0) for _ in range(rounds)]
+        rows.append({"kind": "case", "case_id": case, "status": "ok", "fwd_bwd_ms": 1e3 * sorted(times)[rounds // 2],
+                     "fwd_bwd_ms_rounds": stats.encode_rounds(times)})
+    vnt = [rng.gauss(0.1, 0.003) for _ in range(rounds)]
+    original = [v * 5 * rng.gauss(1, 0.03) * factors.get("paired", 1.0) for v in vnt]
+    ratios = [o / v for o, v in zip(original, vnt)]
+    rows.append({"kind": "paired", "case_id": "paired", "status": "ok", "fwd_bwd_ms": 1e3 * sorted(vnt)[rounds // 2],
+                 "original_ms_rounds": stats.encode_rounds(original), "fwd_bwd_ms_rounds": stats.encode_rounds(vnt),
+                 **stats.summarize(ratios, "speedup_paired")})
+    report.to_frame(rows).to_csv(path, index=False)
+    return path
+
+
+def test_compare_separates_a_known_change_from_noise(tmp_path, capsys):
+    """Synthetic runs: a 20% slower and a 20% faster case, a speed-up that grew by 20%, the rest drawn
+    afresh from the same distribution; and a run compared with itself."""
+    old = _synthetic_run(tmp_path / "old.csv", seed=0, factors={})
+    new = _synthetic_run(tmp_path / "new.csv", seed=1, factors={"case0": 1.2, "case1": 0.8, "paired": 1.2})
+    table = report.compare(old, new).set_index(["case_id", "metric"])
+    change = table["change"]
+    assert change[("case0", "fwd_bwd_ms")] == "slower" and change[("case1", "fwd_bwd_ms")] == "faster"
+    assert change[("paired", "speedup_paired")] == "faster"
+    unchanged = change.drop([("case0", "fwd_bwd_ms"), ("case1", "fwd_bwd_ms"), ("paired", "speedup_paired")])
+    assert (unchanged == "within noise").mean() >= 0.8, unchanged  # a 95% interval: about 1 in 20 flagged by chance
+    assert (table["basis"] == "repeats").all()
+    assert report.main(["--compare", str(old), str(old)]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[-1] == "0 faster, 0 slower, 14 within noise"  # 13 step rows + the paired speed-up
+
+
+def test_intervals_contain_the_median_and_say_no_difference_when_they_contain_one():
+    from bench import stats
+    ratios = [1.2, 1.25, 1.18, 1.22, 1.3, 1.21, 1.19]
+    lo, hi = stats.interval(ratios)
+    assert lo <= sorted(ratios)[3] <= hi and 1 < lo
+    assert stats.verdict(lo, hi, above="vnt faster", below="vnt slower") == "vnt faster"
+    assert stats.verdict(0.95, 1.04, above="a", below="b") == stats.NO_DIFFERENCE
+    assert stats.verdict(0.9, 0.97, above="a", below="b") == "b"
+    lo, hi = stats.ratio_interval([2.0, 2.1, 1.9, 2.05], [1.0, 1.02, 0.98, 1.01])
+    assert lo <= 2.0 / 1.005 <= hi and lo > 1.5
+    assert stats.decode_rounds(stats.encode_rounds([0.001, 0.002])) == [1.0, 2.0]
+    assert stats.decode_rounds(float("nan")) is None
+    with pytest.raises(ValueError, match="at least one"):
+        stats.interval([])
+
+
+def test_check_paired_fails_on_a_median_outside_its_interval():
+    from bench import stats
+    from bench.measure import check_paired
+    ratios = [1.0, 1.1, 1.2, 1.3]
+    row = {"case_id": "x", "status": "ok", **stats.summarize(ratios, "speedup_paired")}
+    check_paired(ratios, row, [row], "speedup_paired")
+    with pytest.raises(AssertionError, match="95% interval"):
+        bad = {**row, "speedup_paired_lo": 1.2, "speedup_paired_q1": 1.0}
+        check_paired(ratios, bad, [bad], "speedup_paired")
+    with pytest.raises(AssertionError, match="finite and positive"):
+        check_paired([1.0, float("nan")], row, [row], "speedup_paired")
 
 
 def test_cpu_tensor_peak_is_the_peak_of_live_tensor_bytes():

@@ -178,3 +178,21 @@ def test_rot_is_the_originals_zyz_in_the_angles_dtype():
     for dtype in (torch.float32, torch.float64):
         a = torch.randn(3, dtype=dtype)
         torch.testing.assert_close(rot(*a), original_rot(*a))
+
+
+@pytest.fixture
+def flush_denormals():
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush denormals")
+    yield
+    torch.set_flush_denormal(False)
+
+
+@pytest.mark.parametrize("backend, fold", [("math", False), ("sdpa", True), ("l2", None)])
+def test_float32_equivariance_with_flush_to_zero(backend, fold, flush_denormals):
+    """The same float32 bound (1e-5 at depth 4, n = 256, fusion on, garbage in the padding) with
+    denormals flushed to zero (``torch.set_flush_denormal(True)``, what the benchmarks' ftz-on rows run)."""
+    model, coors, feats = deep_case(backend, 16, fold)
+    coors, mask = padded(coors)
+    err = equivariance_error(model, coors, feats=feats, mask=mask, **rotations()).rel
+    assert err <= 1e-5, err

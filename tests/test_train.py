@@ -177,7 +177,8 @@ def test_literal_deepspeed_command_trains(embedded, cache_dir):
 def test_launcher_flags_per_rank_logs_bash_per_rank_and_monitors(embedded, cache_dir, tmp_path):
     """`deepspeed --num_gpus 2 --enable_each_rank_log DIR --no_python launch/train.sh ...`: the launcher's
     own flags, and bash per rank (each copy of the script becomes the trainer); DeepSpeed's
-    TensorBoard and CSV monitors get the training loss at every logged step; --run-compile trains."""
+    TensorBoard and CSV monitors get the training loss at every logged step; --run-compile trains; with
+    --run-comms-log every step's gradient all-reduce is in comms.json; --run-flush-denormal trains."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run_dir, logs, tb, csv_dir = (tmp_path / name for name in ("flags", "rank-logs", "tb", "csv"))
@@ -185,8 +186,8 @@ def test_launcher_flags_per_rank_logs_bash_per_rank_and_monitors(embedded, cache
     out = subprocess.run(["deepspeed", "--num_gpus", "2", "--master_port", env["MASTER_PORT"], "--enable_each_rank_log",
                           str(logs), "--no_python", "launch/train.sh", *TINY, "--data-cache-dir", str(cache_dir),
                           "--run-dir", str(run_dir), "--max-steps", "3", "--run-tensorboard", str(tb),
-                          "--run-csv-monitor", str(csv_dir), "--run-compile", "true"], cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=300)
+                          "--run-csv-monitor", str(csv_dir), "--run-compile", "true", "--run-comms-log", "true",
+                          "--run-flush-denormal", "true"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, output(out)
     assert summary(run_dir)["world_size"] == 2
     rank_logs = sorted(logs.glob("*_rank*.log"))
@@ -199,6 +200,11 @@ def test_launcher_flags_per_rank_logs_bash_per_rank_and_monitors(embedded, cache
     assert [round(e.value, 5) for e in loss] == [round(metrics(run_dir)[s]["loss"], 5) for s in (1, 2, 3)]
     assert {"train/lr", "train/grad_norm", "train/tokens_per_s", "val/rmsd_denoised"} <= set(events.Tags()["scalars"])
     assert any(p.name.startswith("train_loss") for p in csv_dir.rglob("*.csv"))
+    from vnt.training import allreduce_per_step
+    comms = json.loads((run_dir / "comms.json").read_text())
+    per_step = allreduce_per_step(comms, steps=3)
+    assert len(per_step) == 3 and all(t > 0 for t in per_step), comms
+    assert json.loads((run_dir / "config.json").read_text())["config"]["run"]["flush_denormal"] is True
 
 
 def test_simulated_two_node_run(embedded, cache_dir, tmp_path):

@@ -57,6 +57,8 @@ class RunConfig:
     threads: int = 0                    # torch threads per process; 0: cores / local processes
     pg_timeout_s: int = 120             # a hung collective fails after this (torch default: 30 min)
     progress: bool = True               # a progress bar on rank 0
+    flush_denormal: bool = False        # flush denormal floats to zero in every rank (torch.set_flush_denormal; x86 with SSE3)
+    comms_log: bool = False             # time every DeepSpeed collective (its comms logger, blocking ops): comms.json in the run dir
 
     def __post_init__(self):
         if self.zero_stage not in (0, 1, 2, 3):
@@ -164,6 +166,8 @@ class TrainConfig:
             generated["tensorboard"] = {"enabled": True, "output_path": self.run.tensorboard, "job_name": "vnt"}
         if self.run.csv_monitor:
             generated["csv_monitor"] = {"enabled": True, "output_path": self.run.csv_monitor, "job_name": "vnt"}
+        if self.run.comms_log:
+            generated["comms_logger"] = {"enabled": True, "prof_all": True, "verbose": False, "debug": False}
         if not self.run.ds_config:
             return generated
         user = _read_json(self.run.ds_config)

@@ -34,7 +34,7 @@ from vnt.config import OptimConfig, RunConfig, TrainConfig
 from vnt.data import DataConfig, DataError, DownloadUnavailable, ProteinBatches, ShardedBatchSampler, load_proteins
 from vnt.denoiser import BackboneDenoiser, TaskConfig
 from vnt.model import VNTransformerConfig, zero3_external_parameters
-from vnt.training import Checkpointer, MetricsLog, Process, Validator, resumed_horizon, train_step
+from vnt.training import Checkpointer, MetricsLog, Process, Validator, comms_summary, resumed_horizon, train_step
 
 # ----------------------------------------------------------------------------------------------
 # the command line, derived from the config dataclasses (vnt.cli): --model-dim, --data-max-length, ...
@@ -254,6 +254,8 @@ class Trainer:
                    "bf16": self.engine.bfloat16_enabled(), "data": self.data_summary["source"],
                    "run_dir": str(self.run_dir)}
         summary.update(self.validator.equivariance(self.engine))
+        if run.comms_log and self.proc.is_main:
+            (self.run_dir / "comms.json").write_text(json.dumps(comms_summary(), indent=1))
         if self.proc.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
             self.proc.log(json.dumps(summary))

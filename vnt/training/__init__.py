@@ -9,9 +9,10 @@
 Importing this package imports neither deepspeed nor sidechainnet; the parts import deepspeed when built.
 """
 from vnt.training.checkpointer import Checkpointer, resumed_horizon
-from vnt.training.metrics import MetricsLog, peak_memory_mib
+from vnt.training.metrics import MetricsLog, allreduce_per_step, comms_summary, peak_memory_mib
 from vnt.training.process import Process
 from vnt.training.step import train_step
 from vnt.training.validator import Validator
 
-__all__ = ["Checkpointer", "MetricsLog", "Process", "Validator", "peak_memory_mib", "resumed_horizon", "train_step"]
+__all__ = ["Checkpointer", "MetricsLog", "Process", "Validator", "allreduce_per_step", "comms_summary", "peak_memory_mib", "resumed_horizon",
+           "train_step"]

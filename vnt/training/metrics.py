@@ -80,3 +80,29 @@ class MetricsLog:
     def tokens_per_s(self) -> float:
         """Backbone atoms per second over the whole run, all ranks."""
         return self.total_atoms * self.proc.world / self.total_time if self.total_time else float("nan")
+
+
+def comms_summary() -> dict:
+    """What DeepSpeed's comms logger recorded in this process (``--run-comms-log true``): per
+    collective, its calls in order as (message bytes, ms; the wait for the other ranks included), their
+    count and total. DeepSpeed records each call's latency as the running total of that collective's
+    timer, so sorting them gives the call order and their differences the calls' own times."""
+    from deepspeed.comm.comm import comms_logger
+
+    out = {}
+    for op, sizes in comms_logger.comms_dict.items():
+        running = sorted((total, int(size)) for size, record in sizes.items() for total in record[1])
+        calls = [[size, total - (running[k - 1][0] if k else 0.0)] for k, (total, size) in enumerate(running)]
+        out[op] = {"count": len(calls), "total_ms": running[-1][0] if running else 0.0, "calls": calls}
+    return out
+
+
+def allreduce_per_step(comms: dict, *, steps: int) -> list[float]:
+    """Seconds inside all-reduce per optimizer step, from a ``comms_summary`` of a run of ``steps``
+    steps: the k-th call of each message size that is all-reduced once per step (the gradient
+    buckets, DeepSpeed's small checks) belongs to step k. Empty when no size is called once per step."""
+    by_size: dict[int, list[float]] = {}
+    for size, ms in comms.get("all_reduce", {"calls": []})["calls"]:
+        by_size.setdefault(size, []).append(ms / 1e3)
+    per_step = [times for times in by_size.values() if len(times) == steps]
+    return [sum(times[k] for times in per_step) for k in range(steps)] if per_step else []

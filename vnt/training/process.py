@@ -28,6 +28,8 @@ class Process:
             accel.set_device(self.device.index)
         deepspeed.init_distributed(dist_backend=accel.communication_backend_name(),
                                    timeout=datetime.timedelta(seconds=run.pg_timeout_s))
+        if run.flush_denormal and not torch.set_flush_denormal(True):
+            raise ValueError("--run-flush-denormal true: this CPU cannot flush denormals (x86 with SSE3 only)")
         import torch.distributed as dist
 
         self.dist = dist
