@@ -524,12 +524,15 @@ COMPARED = {
     "fwd_bwd_ms": ("fwd_bwd_ms_rounds", ("fwd_bwd_ms_q1", "fwd_bwd_ms_q3"), False, ("faster", "slower")),
     "speedup_paired": (("original_ms_rounds", "fwd_bwd_ms_rounds"), ("speedup_paired_q1", "speedup_paired_q3"), True,
                        ("faster", "slower")),
+    "overhead_paired": (None, ("overhead_paired_q1", "overhead_paired_q3"), False, ("faster", "slower")),
+    "malloc_speedup": (None, ("malloc_speedup_q1", "malloc_speedup_q3"), True, ("faster", "slower")),
+    "scaling_efficiency": (None, (None, None), True, ("faster", "slower")),
     "tokens_per_s": (None, (None, None), True, ("faster", "slower")),
     "val_rmsd_ratio": (None, (None, None), False, ("better", "worse")),
 }
 COMPARE_TEST = ("95% percentile-bootstrap interval of median(new) / median(old), both runs' repeats resampled "
-                "independently (bench.stats.ratio_interval); without repeats, disjoint quartile ranges; "
-                "otherwise within noise")
+                "independently (bench.stats.ratio_interval); without repeats, disjoint 95% intervals (the rows' "
+                "_lo/_hi), else disjoint quartile ranges; otherwise within noise")
 
 
 def _repeats(row, source):
@@ -573,7 +576,12 @@ def compare(old: Path, new: Path, *, png: Path | None = None):
                 lo, hi = stats.ratio_interval(reps_b, reps_a)
                 basis = "repeats"
                 change = stats.verdict(lo, hi, above="up", below="down")
-            elif qa[0] in ra and qb[0] in rb and all(pd.notna(v) for v in (ra[qa[0]], ra[qa[1]], rb[qb[0]], rb[qb[1]])):
+            elif all(pd.notna(r.get(f"{metric}_{e}")) for r in (ra, rb) for e in ("lo", "hi")):
+                basis = "intervals"
+                change = ("up" if rb[f"{metric}_lo"] > ra[f"{metric}_hi"] else
+                          "down" if rb[f"{metric}_hi"] < ra[f"{metric}_lo"] else stats.NO_DIFFERENCE)
+            elif (qa[0] and qa[0] in ra and qb[0] in rb
+                  and all(pd.notna(v) for v in (ra[qa[0]], ra[qa[1]], rb[qb[0]], rb[qb[1]]))):
                 basis = "quartiles"
                 change = ("up" if rb[qb[0]] > ra[qa[1]] else "down" if rb[qb[1]] < ra[qa[0]] else stats.NO_DIFFERENCE)
             else:

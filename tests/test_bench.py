@@ -139,25 +139,31 @@ def _synthetic_run(path: Path, *, seed: int, factors: dict[str, float], cases: i
     rows.append({"kind": "paired", "case_id": "paired", "status": "ok", "fwd_bwd_ms": 1e3 * sorted(vnt)[rounds // 2],
                  "original_ms_rounds": stats.encode_rounds(original), "fwd_bwd_ms_rounds": stats.encode_rounds(vnt),
                  **stats.summarize(ratios, "speedup_paired")})
+    overhead = [rng.gauss(1.05, 0.01) * factors.get("compat", 1.0) for _ in range(rounds)]  # no repeats kept
+    rows.append({"kind": "compat", "case_id": "compat", "status": "ok", **stats.summarize(overhead, "overhead_paired")})
     report.to_frame(rows).to_csv(path, index=False)
     return path
 
 
 def test_compare_separates_a_known_change_from_noise(tmp_path, capsys):
-    """Synthetic runs: a 20% slower and a 20% faster case, a speed-up that grew by 20%, the rest drawn
-    afresh from the same distribution; and a run compared with itself."""
+    """Synthetic runs: a 20% slower and a 20% faster case, a speed-up that grew by 20%, a layout
+    overhead 20% higher (a row with intervals but no repeats), the rest drawn afresh from the same
+    distribution; and a run compared with itself."""
     old = _synthetic_run(tmp_path / "old.csv", seed=0, factors={})
-    new = _synthetic_run(tmp_path / "new.csv", seed=1, factors={"case0": 1.2, "case1": 0.8, "paired": 1.2})
+    new = _synthetic_run(tmp_path / "new.csv", seed=1, factors={"case0": 1.2, "case1": 0.8, "paired": 1.2,
+                                                                 "compat": 1.2})
     table = report.compare(old, new).set_index(["case_id", "metric"])
     change = table["change"]
     assert change[("case0", "fwd_bwd_ms")] == "slower" and change[("case1", "fwd_bwd_ms")] == "faster"
     assert change[("paired", "speedup_paired")] == "faster"
-    unchanged = change.drop([("case0", "fwd_bwd_ms"), ("case1", "fwd_bwd_ms"), ("paired", "speedup_paired")])
+    assert change[("compat", "overhead_paired")] == "slower" and table.loc[("compat", "overhead_paired"), "basis"] == "intervals"
+    unchanged = change.drop([("case0", "fwd_bwd_ms"), ("case1", "fwd_bwd_ms"), ("paired", "speedup_paired"),
+                             ("compat", "overhead_paired")])
     assert (unchanged == "within noise").mean() >= 0.8, unchanged  # a 95% interval: about 1 in 20 flagged by chance
-    assert (table["basis"] == "repeats").all()
+    assert (table.drop(("compat", "overhead_paired"))["basis"] == "repeats").all()
     assert report.main(["--compare", str(old), str(old)]) == 0
     out = capsys.readouterr().out
-    assert out.splitlines()[-1] == "0 faster, 0 slower, 14 within noise"  # 13 step rows + the paired speed-up
+    assert out.splitlines()[-1] == "0 faster, 0 slower, 15 within noise"  # 13 step rows, speed-up, overhead
 
 
 def test_intervals_contain_the_median_and_say_no_difference_when_they_contain_one():
