@@ -420,7 +420,8 @@ def render_train(out_dir: Path = TRAIN) -> None:
         df["ftz"] = False
     meta = json.loads((out_dir / "latest.meta.json").read_text())
     table = settings_table(df)
-    base = table["network"] == "vnt"
+    plain = ~table["ftz"].astype(bool)  # the questions compare settings at PyTorch's default; ftz has its own table
+    base = (table["network"] == "vnt") & plain
     fp32w2 = base & ~table["bf16"].astype(bool) & (table["world"] == 2)
     heads = [
         _best(table, fp32w2 & (table["bias_epsilon"] == 0), "which attention backend (eps 0, float32)"),
@@ -430,7 +431,7 @@ def render_train(out_dir: Path = TRAIN) -> None:
         _best(table, (table["backend"] == "sdpa") & (table["bias_epsilon"] == 0) & ~table["bf16"].astype(bool) & base,
               "1 or 2 processes (same global batch)"),
         _best(table, (table["backend"] == "sdpa") & (table["bias_epsilon"] == 0) & ~table["bf16"].astype(bool)
-              & (table["world"] == 2), "vnt or a peer network"),
+              & (table["world"] == 2) & plain, "vnt or a peer network"),
     ]
     if set(table["group"]) == {"quality"}:  # the quality profile asks one question
         heads = [_best(table, table["network"] == table["network"], "which network at an equal training time")]
@@ -447,11 +448,37 @@ def render_train(out_dir: Path = TRAIN) -> None:
              "dtype (`vnt.rounding_floor`).", "", "## Protocol", "", *[f"- {k}: {v}" for k, v in meta.items()], "",
              "## The best setting per question", "", _table(heads), "",
              "## Every setting", "", _table(table[cols].round(6)), ""]
+    ftz = _ftz_throughput(df)
+    if len(ftz):
+        lines += ["## Throughput with denormals flushed to zero", "",
+                  "Per network (sdpa, eps 0, float32, 2 processes): tokens/s with PyTorch's default and with "
+                  "`--run-flush-denormal true`, mean over seeds, and the per-seed ratios default / ftz (separate "
+                  "launches, so machine drift is in them: a range that contains 1 is no measurable difference).",
+                  "", _table(ftz), ""]
     skipped = df[df["status"] != "ok"] if "status" in df else df.iloc[0:0]
     if len(skipped):
         lines += ["## Cases not run", "", _table(skipped[["case_id", "status"]].set_index("case_id")), ""]
     (out_dir / "latest.md").write_text("\n".join(lines))
     plot_train(df, table, meta, out_dir)
+
+
+def _ftz_throughput(df):
+    """tokens/s per network at PyTorch's default and with flush-to-zero, for the settings run both ways."""
+    import pandas as pd
+    ok = df[(df["status"] == "ok") & (df["backend"] == "sdpa") & (df["bias_epsilon"] == 0) & ~df["bf16"].astype(bool)
+            & (df["world"] == 2) & (df["steps"] == df["steps"].max())]
+    out = []
+    for network, g in ok.groupby("network"):
+        off, on = (g[g["ftz"].astype(bool) == v].set_index("seed")["tokens_per_s"] for v in (False, True))
+        seeds = off.index.intersection(on.index)
+        if not len(seeds):
+            continue
+        ratios = (off[seeds] / on[seeds]).sort_values()
+        out.append({"network": network, "tokens_per_s default": off[seeds].mean(), "tokens_per_s ftz": on[seeds].mean(),
+                    "default / ftz per seed": ", ".join(f"{r:.3f}" for r in ratios),
+                    "verdict": ("ftz faster" if ratios.max() < 1 else "ftz slower" if ratios.min() > 1
+                                else "no measurable difference")})
+    return pd.DataFrame(out).set_index("network").round(1) if out else pd.DataFrame()
 
 
 def plot_train(df, table, meta, out_dir: Path) -> None:
