@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bench import stats
+
 RESULTS = Path(__file__).parents[1] / "results" / "bench"
 
 COLUMNS = [  # the tidy schema; results/README.md explains each
@@ -102,24 +104,21 @@ def _config(row) -> str:
 
 def _interval_columns(df, key: str, *, above: str, below: str):
     """``df`` with "95% interval" (``{key}_lo``-``{key}_hi``) and "verdict" columns (``bench.stats``)."""
-    from bench import stats
     lo, hi = df.get(f"{key}_lo"), df.get(f"{key}_hi")
     if lo is None or hi is None:
         return df.assign(**{"95% interval": "", "verdict": ""})
-    return df.assign(**{"95% interval": [f"{a:.3g}-{b:.3g}" if a == a else "" for a, b in zip(lo, hi)],
+    return df.assign(**{"95% interval": [_interval_text(a, b) for a, b in zip(lo, hi)],
                         "verdict": [stats.verdict(a, b, above=above, below=below) for a, b in zip(lo, hi)]})
 
 
-def stats_verdict(lo: float, hi: float, *, above: str, below: str) -> str:
-    from bench import stats
-    return stats.verdict(lo, hi, above=above, below=below)
+def _interval_text(lo: float, hi: float) -> str:
+    """A 95% interval as table text; empty without one (NaN bounds: too few repeats)."""
+    return f"{lo:.3g}-{hi:.3g}" if lo == lo else ""
 
 
 def _rounds_ratio(num, den) -> tuple[float, float, float]:
     """median(num) / median(den) of two ``*_rounds`` cells and its 95% interval (NaN without rounds)."""
     import statistics
-
-    from bench import stats
     a, b = stats.decode_rounds(num), stats.decode_rounds(den)
     if not a or not b:
         return float("nan"), float("nan"), float("nan")
@@ -130,14 +129,11 @@ def _unpaired_table(pairs: list[tuple[str, object, object]], *, label: str, abov
     """One row per (name, numerator row, denominator row): both medians, their ratio with its 95%
     interval from the rows' repeats, and the verdict."""
     import pandas as pd
-
-    from bench import stats
     out = []
     for name, num, den in pairs:
         ratio, lo, hi = _rounds_ratio(num.get("fwd_bwd_ms_rounds"), den.get("fwd_bwd_ms_rounds"))
         out.append({"": name, "numerator_ms": num["fwd_bwd_ms"], "denominator_ms": den["fwd_bwd_ms"], label: ratio,
-                    "95% interval": f"{lo:.3g}-{hi:.3g}" if lo == lo else "",
-                    "verdict": stats.verdict(lo, hi, above=above, below=below)})
+                    "95% interval": _interval_text(lo, hi), "verdict": stats.verdict(lo, hi, above=above, below=below)})
     return pd.DataFrame(out).set_index("").round(3)
 
 
@@ -186,8 +182,8 @@ def render(out_dir: Path = RESULTS) -> None:
             for package, column in (("original", "original_ms_rounds"), ("vnt", "fwd_bwd_ms_rounds")):
                 ratio, lo, hi = _rounds_ratio(off.get(column), on.get(column))
                 cost.append({"paired_config": config, "backend": backend, "package": package,
-                             "ftz off / on": ratio, "95% interval": f"{lo:.3g}-{hi:.3g}" if lo == lo else "",
-                             "verdict": stats_verdict(lo, hi, above="slower with denormals",
+                             "ftz off / on": ratio, "95% interval": _interval_text(lo, hi),
+                             "verdict": stats.verdict(lo, hi, above="slower with denormals",
                                                       below="faster with denormals")})
         if cost:
             import pandas as pd
@@ -564,7 +560,6 @@ COMPARE_TEST = ("95% percentile-bootstrap interval of median(new) / median(old),
 
 def _repeats(row, source):
     """A row's repeats of a metric: a rounds column, or per-pair ratios of two (None: not recorded)."""
-    from bench import stats
     if source is None:
         return None
     if isinstance(source, str):
@@ -584,8 +579,6 @@ def compare(old: Path, new: Path, *, png: Path | None = None):
     """Per case and metric: old, new, new / old with its 95% interval from both runs' repeats, and
     whether the case got faster, slower or stayed within noise (``COMPARE_TEST``)."""
     import pandas as pd
-
-    from bench import stats
     a, b = (load_run(p).drop_duplicates("case_id").set_index("case_id") for p in (old, new))
     rows = []
     for metric, (source, (q1, q3), higher, (up, down)) in COMPARED.items():
@@ -620,7 +613,7 @@ def compare(old: Path, new: Path, *, png: Path | None = None):
             else:
                 change = "within noise"
             rows.append({"case_id": case, "metric": metric, "old": ra[metric], "new": rb[metric], "new/old": ratio,
-                         "95% interval": f"{lo:.3g}-{hi:.3g}" if lo == lo else "", "basis": basis, "change": change})
+                         "95% interval": _interval_text(lo, hi), "basis": basis, "change": change})
     table = pd.DataFrame(rows, columns=["case_id", "metric", "old", "new", "new/old", "95% interval", "basis", "change"])
     if png is not None and len(table):
         import matplotlib
