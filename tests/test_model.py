@@ -252,3 +252,54 @@ def test_readme_names_only_tests_that_exist():
     for file, name in cited:
         source = (Path(__file__).parent / file).read_text()
         assert re.search(rf"^def {name}\(", source, re.M), f"README cites {file}::{name}, which does not exist"
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes autograd keeps for the backward pass of ``fn()`` (every saved tensor, packed once)."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        seen[id(t)] = t.numel() * t.element_size()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(seen.values())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fold", [None, False], ids=["plan_default", "unfolded"])
+@pytest.mark.parametrize("layers", [None, [1]], ids=["every_layer", "layer_1"])
+def test_activation_checkpointing_same_gradients_less_saved(backend, fold, layers):
+    """Checkpointed layers give the same outputs and gradients (fused kernels and folded forms
+    included) and autograd keeps less for the backward pass."""
+    torch.manual_seed(0)
+    model = small_model(backend, dim_feat=4, fold=fold, depth=3)
+    coors, feats, mask = inputs(dim_feat=4, n=24)
+    coors.requires_grad_(True)
+
+    def loss():
+        out, _ = model(coors, feats=feats, mask=mask)
+        return (out.masked_fill(~mask[..., None], 0.0) ** 2).sum()
+
+    def grads():
+        model.zero_grad()
+        coors.grad = None
+        value, saved = _saved_bytes(loss)
+        value.backward()
+        return value.detach(), [p.grad.clone() for p in model.parameters()] + [coors.grad.clone()], saved
+
+    ref_loss, ref_grads, ref_saved = grads()
+    model.encoder.checkpoint_layers(layers)
+    ck_loss, ck_grads, ck_saved = grads()
+    torch.testing.assert_close(ck_loss, ref_loss, rtol=1e-12, atol=0)
+    for a, b in zip(ck_grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert ck_saved < ref_saved * (0.6 if layers is None else 0.9), (ck_saved, ref_saved)
+    model.encoder.checkpoint_layers([])
+    assert _saved_bytes(loss)[1] == ref_saved
+
+
+def test_activation_checkpointing_rejects_layers_outside_the_encoder():
+    model = small_model("math", depth=2)
+    with pytest.raises(ValueError, match=r"in \[0, 2\)"):
+        model.encoder.checkpoint_layers([2])

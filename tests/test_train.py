@@ -246,7 +246,9 @@ def test_bad_options_fail_before_any_process_starts(tmp_path, cache_dir):
     for args, message in [(["--model-dmi", "3"], "unrecognized arguments: --model-dmi"),
                           (["--run-zero-stage", "5"], "--run-zero-stage: '5' is not one of 0, 1, 2, 3"),
                           (["--run-zero-stage", "2", *ds_json("zero0.json")],
-                           "zero0.json sets zero_optimization.stage=0 but --run-zero-stage 2 was given")]:
+                           "zero0.json sets zero_optimization.stage=0 but --run-zero-stage 2 was given"),
+                          (["--run-activation-checkpointing", "true", "--run-checkpoint-layers", "0,1"],
+                           "checkpoint layers must be in [0, 1)")]:
         out = launch(["--run-dir", run_dir, *args], cache_dir, timeout=60)
         assert out.returncode != 0 and message in out.stderr, (args, output(out))
         assert "spawned" not in out.stdout + out.stderr and not run_dir.exists()
@@ -290,3 +292,22 @@ def test_a_larger_max_steps_extends_a_resumed_run(trained, cache_dir, tmp_path):
     assert out.returncode == 2 and "spawned" not in out.stdout + out.stderr, output(out)
     assert len(errors) == 1 and "--max-steps 5" in errors[0] and "at step 5" in errors[0], output(out)
     assert summary(run_dir)["steps"] == 5  # the finished run's summary is untouched
+
+
+@pytest.mark.parametrize("name, args", [("zero0-fp32", ds_json("zero0.json")), ("zero3-fp32", ds_json("zero3.json")),
+                                        ("zero2-bf16", flags(2, True))], ids=["zero0-fp32", "zero3-fp32", "zero2-bf16"])
+def test_activation_checkpointing_gives_the_same_losses(name, args, trained, cache_dir, tmp_path):
+    """--run-activation-checkpointing true (every encoder layer, and a chosen layer list) trains the
+    same per-step losses and gradient norms as the run without it, 2 processes."""
+    ref = metrics(trained(name, args))
+    for extra in (["--run-activation-checkpointing", "true"],
+                  ["--run-activation-checkpointing", "true", "--run-checkpoint-layers", "0"]):
+        run_dir = tmp_path / f"ckpt{len(extra)}"
+        out = launch([*args, *extra, "--run-dir", run_dir, "--max-steps", 3, "--run-ckpt-every", 1], cache_dir,
+                     NUM_GPUS=2)
+        assert out.returncode == 0, output(out)
+        got = metrics(run_dir)
+        assert sorted(got) == sorted(ref) == [1, 2, 3]
+        for step in ref:
+            for key in ("loss", "grad_norm"):
+                assert math.isclose(got[step][key], ref[step][key], rel_tol=1e-4), (step, key, got[step], ref[step])

@@ -58,6 +58,8 @@ class RunConfig:
     pg_timeout_s: int = 120             # a hung collective fails after this (torch default: 30 min)
     progress: bool = True               # a progress bar on rank 0
     flush_denormal: bool = False        # flush denormal floats to zero in every rank (torch.set_flush_denormal; x86 with SSE3)
+    activation_checkpointing: bool = False  # recompute encoder layers' activations in backward: less memory, about one more forward of compute
+    checkpoint_layers: tuple[int, ...] = ()  # with activation_checkpointing: only these encoder layers (0-based, e.g. 0,2,4); empty: every layer
     comms_log: bool = False             # time every DeepSpeed collective (its comms logger, blocking ops): comms.json in the run dir
 
     def __post_init__(self):
@@ -69,6 +71,11 @@ class RunConfig:
             raise ValueError(f"keep_last must be >= 0 (0 keeps every checkpoint), got {self.keep_last}")
         if self.ds_config and not Path(self.ds_config).is_file():
             raise ValueError(f"ds_config {self.ds_config} does not exist")
+        if self.checkpoint_layers and not self.activation_checkpointing:
+            raise ValueError("checkpoint_layers needs --run-activation-checkpointing true")
+        if self.compile and self.activation_checkpointing:
+            raise ValueError("--run-compile true and --run-activation-checkpointing true are not supported together "
+                             "(the compiled graph of a checkpointed layer is untested here): choose one")
         if self.compile and self.zero_stage == 3:
             raise ValueError("--run-compile true needs ZeRO 0-2 (ZeRO-3 gathers weights in hooks the compiled graph "
                              "does not see)")

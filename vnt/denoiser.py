@@ -107,6 +107,14 @@ class BackboneDenoiser(torch.nn.Module):
         half = cfg.dim_feat // 2
         self.register_buffer("freqs", torch.exp(-math.log(1000.0) * torch.arange(half) / half), persistent=False)
 
+    def checkpoint_layers(self, layers=None) -> None:
+        """Activation checkpointing of vnt's encoder layers (``VNTransformerEncoder.checkpoint_layers``:
+        None, every layer). The peers have none: ValueError."""
+        if self.task_config.network != "vnt":
+            raise ValueError(f"activation checkpointing is vnt's (its encoder layers); the peer "
+                             f"{self.task_config.network!r} has none")
+        (self.residues if self.task_config.points == "residue" else self.vnt).encoder.checkpoint_layers(layers)
+
     def forward(self, coors, *, tokens, mask):
         residue_index = torch.arange(coors.shape[1], device=coors.device) // NUM_ATOMS
         angles = residue_index[:, None].float() * self.freqs

@@ -6,11 +6,13 @@ r input channels of the encoder's embedding.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
 
 import torch
 from einops import rearrange
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from vnt import fast
 from vnt.fast import BACKENDS, Backend, resolve_backend
@@ -127,26 +129,51 @@ class VNTransformerEncoder(nn.Module):
             for _ in range(cfg.depth)
         ])
         self.norm = VNLayerNorm(cfg.dim, subtract_mean=cfg.norm_subtract_mean) if cfg.final_norm else nn.Identity()
+        self.checkpointed: frozenset[int] = frozenset()   # checkpoint_layers
 
     def forward(self, x: Tensor, *, mask: Tensor | None = None) -> Tensor:
         width = self.dim if self.proj_in is None else self.dim_in
         if x.ndim != 4 or x.shape[-2:] != (self.dim_coor, width):
             raise ValueError(f"expected x of shape (batch, points, dim_coor, {'dim_in' if self.proj_in else 'dim'}) = "
                              f"(batch, points, {self.dim_coor}, {width}), got {tuple(x.shape)}")
-        first = 0
-        if self.proj_in is not None:
+        for i in range(len(self.layers)):
+            if i in self.checkpointed and torch.is_grad_enabled():
+                x = checkpoint(self._recomputed_layer, fast.current(), i, x, mask, use_reentrant=False)
+            else:
+                x = self._layer(i, x, mask)
+        return self.norm(x)
+
+    def _layer(self, i: int, x: Tensor, mask: Tensor | None) -> Tensor:
+        """Layer i; layer 0 of an encoder with ``proj_in`` takes the narrow input and embeds it."""
+        attn, attn_norm, ff, ff_norm = self.layers[i]
+        if i == 0 and self.proj_in is not None:
             s, x = x, self.proj_in(x)
-            attn, attn_norm, ff, ff_norm = self.layers[0]
             if fast.folds_low_rank(rank=self.dim_in, dim_head=attn.dim_head):
                 a = fast.folded_attention(s, mask=mask, embed=(self.proj_in.weight, self.proj_in.effective_bias()),
                                           **attn.folded_maps())
-                x = attn_norm(a, residual=x)
-                x = ff_norm(ff(x), residual=x)
-                first = 1
-        for attn, attn_norm, ff, ff_norm in self.layers[first:]:
-            x = attn_norm(attn(x, mask=mask), residual=x)
-            x = ff_norm(ff(x), residual=x)
-        return self.norm(x)
+            else:
+                a = attn(x, mask=mask)
+        else:
+            a = attn(x, mask=mask)
+        x = attn_norm(a, residual=x)
+        return ff_norm(ff(x), residual=x)
+
+    def _recomputed_layer(self, plan, i: int, x: Tensor, mask: Tensor | None) -> Tensor:
+        """Layer i under ``plan``: the backward pass recomputes it with the kernels its forward used."""
+        with fast.plan.use(plan):
+            return self._layer(i, x, mask)
+
+    def checkpoint_layers(self, layers: Iterable[int] | None = None) -> None:
+        """Activation checkpointing: these layers (0-based; None: every layer; empty: none) keep only
+        their input for the backward pass and recompute the rest there (``torch.utils.checkpoint``,
+        non-reentrant). The same function and gradients, every kernel and folded form included; a
+        layer's activations cost one (b, n, c, dim) tensor instead of all its intermediates, for
+        about one more forward of compute."""
+        chosen = range(len(self.layers)) if layers is None else list(layers)
+        bad = [i for i in chosen if not 0 <= int(i) < len(self.layers)]
+        if bad:
+            raise ValueError(f"checkpoint layers must be in [0, {len(self.layers)}) (the encoder's depth), got {bad}")
+        self.checkpointed = frozenset(int(i) for i in chosen)
 
     def attention_kernels(self) -> list[str | None]:
         """The kernel each attention layer ran in its latest forward."""

@@ -101,6 +101,8 @@ def check_model(cfg: TrainConfig) -> torch.device:
     device = torch.device("meta" if attention_params > META_CHECK_PARAMETERS else "cpu")
     with device, torch.no_grad():
         model = BackboneDenoiser(m, cfg.task)
+        if cfg.run.activation_checkpointing:
+            model.checkpoint_layers(cfg.run.checkpoint_layers or None)
     return next(model.parameters()).device
 
 
@@ -148,6 +150,8 @@ class Trainer:
 
         self.ds_config = self.ckpt.prepare(cfg.deepspeed_config(proc.world))
         model = BackboneDenoiser(cfg.model, cfg.task)
+        if run.activation_checkpointing:
+            model.checkpoint_layers(run.checkpoint_layers or None)
         if self.ds_config["zero_optimization"]["stage"] == 3:  # blocks that compute with their children's weights
             for module, param in zero3_external_parameters(model):
                 deepspeed.zero.register_external_parameter(module, param)

@@ -115,6 +115,14 @@ def configure(**changes) -> _Configured:
     return _Configured(previous)
 
 
+def use(plan: KernelPlan) -> _Configured:
+    """Put ``plan`` in force (undone at the end of a ``with`` block): an activation-checkpointed layer
+    recomputes in the backward pass under the plan its forward ran under."""
+    global _plan
+    previous, _plan = _plan, plan
+    return _Configured(previous)
+
+
 def planned(module, **changes):
     """``module`` (returned) with every forward run under ``configure(**changes)``, by forward hooks:
     e.g. ``planned(model, fold=False)`` is the model in its projected (reference) form."""
