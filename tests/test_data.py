@@ -205,6 +205,10 @@ def test_bad_data_options_raise():
         DataConfig(source="scn-pickle")
     with pytest.raises(ValueError, match="val_fraction"):
         DataConfig(val_fraction=1.5)
+    with pytest.raises(ValueError, match="max_length must be >= 0"):
+        DataConfig(max_length=-1)
+    with pytest.raises(ValueError, match="max_tokens must be >= 0"):
+        DataConfig(max_tokens=-5)
 
 
 def test_cli_summary_json(embedded, cache_dir):
@@ -233,3 +237,42 @@ def test_download_failure_names_offline_alternatives(tmp_path, monkeypatch):
 def test_importing_vnt_does_not_import_deepspeed_or_sidechainnet():
     code = "import sys, vnt, vnt.data; assert 'deepspeed' not in sys.modules and 'sidechainnet' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_token_budget_batches_fit_cover_every_chain_and_stay_fixed(embedded):
+    """max_tokens: every training chain once per epoch, each batch's padded size (rows x longest)
+    within the budget and at most batch_size rows, the same batches every epoch (their order
+    shuffled), far less padding than random batches; whole chains (max_length 0) uncropped."""
+    train = embedded.split("train")
+    lengths = [len(e) for e in train]
+    budget = 1024
+    sampler = ShardedBatchSampler(lengths, batch_size=8, max_length=0, max_tokens=budget, seed=3)
+    assert sampler.lengths == lengths and max(lengths) > 700
+    e0, e1 = sampler.epoch_batches(0), sampler.epoch_batches(1)
+    assert len(e0) == len(e1) == sampler.num_batches
+    assert sorted(i for b in e0 for i in b) == list(range(len(train)))
+    assert all(len(b) * max(lengths[i] for i in b) <= budget and len(b) <= 8 for b in e0)
+    assert sorted(map(tuple, e0)) == sorted(map(tuple, e1)) and e0 != e1
+    assert padding_fraction(e0, lengths) < 0.05
+    batch = next(ProteinBatches(train, sampler, max_length=0).stream())
+    assert batch["coords"].shape[1] == max(lengths[i] for i in e0[0])
+    # a chain over the budget trains alone, and is counted
+    from vnt.data import over_budget, token_batches
+    assert token_batches([0, 1, 2], [10, 30, 40], max_tokens=35, max_rows=4) == [[0], [1], [2]]
+    assert token_batches([0, 1, 2], [10, 12, 40], max_tokens=35, max_rows=4) == [[0, 1], [2]]
+    assert over_budget([10, 30, 40], 35) == 1 and over_budget([10, 30, 40], 0) == 0
+
+
+def test_whole_chain_validation_batches_by_tokens(embedded):
+    val = embedded.split("valid")
+    batches = list(validation_batches(val, max_length=0, batch_size=4, max_tokens=1024))
+    assert sorted(n for b in batches for n in b["names"]) == sorted(e.name for e in val)
+    assert all(w == (0, len(e)) for b in batches for w, e in zip(b["windows"], [next(x for x in val if x.name == n)
+                                                                                for n in b["names"]]))
+    assert all(b["coords"].shape[0] == 1 or b["coords"].shape[0] * b["coords"].shape[1] <= 1024 for b in batches)
+    covered = sum(int(b["mask"].sum()) for b in batches)
+    assert covered == sum(int(e.atom_mask.any(1).sum()) for e in val)
+    # sharded over 2 ranks: disjoint, together everything
+    names = [n for r in range(2) for b in validation_batches(val, max_length=0, batch_size=4, max_tokens=1024,
+                                                             rank=r, world_size=2) for n in b["names"]]
+    assert sorted(names) == sorted(e.name for e in val)

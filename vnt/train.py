@@ -31,7 +31,8 @@ from tqdm import tqdm
 
 from vnt import checkpoint, cli, faults
 from vnt.config import OptimConfig, RunConfig, TrainConfig
-from vnt.data import DataConfig, DataError, DownloadUnavailable, ProteinBatches, ShardedBatchSampler, load_proteins
+from vnt.data import (DataConfig, DataError, DownloadUnavailable, ProteinBatches, ShardedBatchSampler, load_proteins,
+                      over_budget)
 from vnt.denoiser import BackboneDenoiser, TaskConfig
 from vnt.model import VNTransformerConfig, zero3_external_parameters
 from vnt.training import Checkpointer, MetricsLog, Process, Validator, comms_summary, resumed_horizon, train_step
@@ -145,7 +146,11 @@ class Trainer:
         train = data.split("train")
         sampler = ShardedBatchSampler([len(e) for e in train], batch_size=cfg.data.batch_size,
                                       max_length=cfg.data.max_length, bucket=cfg.data.bucket,
-                                      seed=cfg.data.seed, rank=proc.rank, world_size=proc.world)
+                                      seed=cfg.data.seed, rank=proc.rank, world_size=proc.world,
+                                      max_tokens=cfg.data.max_tokens)
+        if over := over_budget(sampler.lengths, cfg.data.max_tokens):
+            proc.log(f"{over} training chains are longer than --data-max-tokens {cfg.data.max_tokens}: each "
+                     f"trains in a batch of its own, over the budget (longest {max(sampler.lengths)} residues)")
         self.batches = ProteinBatches(train, sampler, max_length=cfg.data.max_length)
 
         self.ds_config = self.ckpt.prepare(cfg.deepspeed_config(proc.world))

@@ -9,7 +9,7 @@ import json
 import sys
 
 from vnt import cli
-from vnt.data.batching import ShardedBatchSampler, padding_fraction
+from vnt.data.batching import ShardedBatchSampler, over_budget, padding_fraction
 from vnt.data.core import DataConfig
 from vnt.data.sources import DownloadUnavailable, export_sidechainnet, load_proteins
 
@@ -38,10 +38,12 @@ def main(argv=None) -> int:
     lengths = [len(e) for e in data.split("train")]
     padding = {}
     for bucket in (True, False):
-        s = ShardedBatchSampler(lengths, batch_size=cfg.batch_size, max_length=cfg.max_length, bucket=bucket, seed=cfg.seed)
+        s = ShardedBatchSampler(lengths, batch_size=cfg.batch_size, max_length=cfg.max_length, bucket=bucket, seed=cfg.seed,
+                                max_tokens=cfg.max_tokens)
         padding["bucketed" if bucket else "random"] = round(padding_fraction(s.epoch_batches(0), s.lengths), 4)
     summary["train_padding_fraction"] = padding
-    summary["batching"] = {"batch_size": cfg.batch_size, "max_length": cfg.max_length}
+    summary["batching"] = {"batch_size": cfg.batch_size, "max_length": cfg.max_length, "max_tokens": cfg.max_tokens,
+                           "batches_per_epoch": s.num_batches, "chains_over_token_budget": over_budget(s.lengths, cfg.max_tokens)}
     if args.json:
         print(json.dumps(summary))
     else:

@@ -12,15 +12,18 @@ from vnt.data.core import NUM_ATOMS, ProteinExample
 
 
 def crop_window(length: int, max_length: int, *, rng: np.random.Generator | None) -> tuple[int, int]:
-    """[start, stop) of at most max_length residues: random if rng is given, else the first window."""
-    if length <= max_length:
+    """[start, stop) of at most max_length residues (0: the whole chain): random if rng is given,
+    else the first window."""
+    if not max_length or length <= max_length:
         return 0, length
     start = int(rng.integers(0, length - max_length + 1)) if rng is not None else 0
     return start, start + max_length
 
 
 def chunk_windows(length: int, max_length: int) -> list[tuple[int, int]]:
-    """Deterministic validation chunks covering every residue once."""
+    """Deterministic validation chunks covering every residue once (max_length 0: the whole chain)."""
+    if not max_length:
+        return [(0, length)]
     return [(s, min(s + max_length, length)) for s in range(0, length, max_length)]
 
 
@@ -42,6 +45,27 @@ def collate(examples: list[ProteinExample], windows: list[tuple[int, int]] | Non
             "names": [e.name for e in examples], "windows": windows}
 
 
+def token_batches(order: list[int], lengths: list[int], *, max_tokens: int, max_rows: int) -> list[list[int]]:
+    """Consecutive runs of ``order`` (sort it by length first) as batches whose padded size, rows x
+    longest length, stays within ``max_tokens``, at most ``max_rows`` rows each. A chain longer than
+    the budget is a batch of its own (over budget: ``over_budget`` counts them)."""
+    batches: list[list[int]] = []
+    longest = 0
+    for i in order:
+        if batches and len(batches[-1]) < max_rows and (len(batches[-1]) + 1) * max(longest, lengths[i]) <= max_tokens:
+            batches[-1].append(i)
+            longest = max(longest, lengths[i])
+        else:
+            batches.append([i])
+            longest = lengths[i]
+    return batches
+
+
+def over_budget(lengths: list[int], max_tokens: int) -> int:
+    """Chains longer than the token budget (each trains alone, over the budget); 0 without a budget."""
+    return sum(length > max_tokens for length in lengths) if max_tokens else 0
+
+
 def padding_fraction(batches: list[list[int]], lengths: list[int]) -> float:
     """Fraction of residue slots in padded batches that are padding."""
     total = sum(len(b) * max(lengths[i] for i in b) for b in batches)
@@ -60,22 +84,32 @@ class ShardedBatchSampler:
     start + r + w, ... so the ranks' batches are disjoint and, together, consecutive: after any
     number of steps the job has consumed a prefix of the sequence, whatever the world size. That
     prefix length is what a checkpoint stores, and a job of another world size continues after it.
+
+    ``max_tokens`` > 0 batches by a token budget instead of a count: the chains sorted by (cropped)
+    length are cut into runs whose padded size (rows x longest) fits the budget, with at most
+    ``batch_size`` rows (``token_batches``). Those batches are formed once, so every epoch has the
+    same number; their order is shuffled every epoch.
     """
 
     def __init__(self, lengths: list[int], *, batch_size: int, max_length: int, bucket: bool = True,
-                 seed: int = 0, rank: int = 0, world_size: int = 1, bucket_size: int = 50):
+                 seed: int = 0, rank: int = 0, world_size: int = 1, bucket_size: int = 50, max_tokens: int = 0):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
         if not lengths:
             raise ValueError("no examples to batch")
-        self.lengths = [min(l, max_length) for l in lengths]
-        self.batch_size, self.bucket, self.seed = batch_size, bucket, seed
+        self.lengths = [min(l, max_length) if max_length else l for l in lengths]
+        self.batch_size, self.bucket, self.seed, self.max_tokens = batch_size, bucket, seed, max_tokens
+        self._budget_batches = (token_batches(sorted(range(len(lengths)), key=lambda i: (self.lengths[i], i)),
+                                              self.lengths, max_tokens=max_tokens, max_rows=batch_size)
+                                if max_tokens else None)
         self.rank, self.world_size, self.bucket_size = rank, world_size, bucket_size
         self._epoch_cache: tuple[int, list[list[int]]] | None = None
 
     @property
     def num_batches(self) -> int:
         """Batches per epoch (every epoch has the same number)."""
+        if self._budget_batches is not None:
+            return len(self._budget_batches)
         return -(-len(self.lengths) // self.batch_size)
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
@@ -83,6 +117,10 @@ class ShardedBatchSampler:
         if self._epoch_cache is not None and self._epoch_cache[0] == epoch:
             return self._epoch_cache[1]
         rng = np.random.default_rng([self.seed, epoch])
+        if self._budget_batches is not None:
+            batches = [self._budget_batches[i] for i in rng.permutation(len(self._budget_batches))]
+            self._epoch_cache = (epoch, batches)
+            return batches
         order = rng.permutation(len(self.lengths))
         if self.bucket:
             window = self.batch_size * self.bucket_size
@@ -132,11 +170,18 @@ class ProteinBatches:
 
 
 def validation_batches(examples: list[ProteinExample], *, max_length: int, batch_size: int,
-                       rank: int = 0, world_size: int = 1):
-    """Every residue of every example once, in deterministic chunks; sharded by rank."""
+                       rank: int = 0, world_size: int = 1, max_tokens: int = 0):
+    """Every residue of every example once, in deterministic chunks (max_length 0: whole chains);
+    sharded by rank; ``batch_size`` chunks per batch, or with ``max_tokens`` as many (at most
+    batch_size) as fit the token budget (``token_batches``)."""
     items = [(e, w) for e in examples for w in chunk_windows(len(e), max_length)]
     items.sort(key=lambda t: t[1][1] - t[1][0])
     items = items[rank::world_size]
-    for s in range(0, len(items), batch_size):
-        chunk = items[s:s + batch_size]
+    if max_tokens:
+        groups = token_batches(list(range(len(items))), [b - a for _, (a, b) in items], max_tokens=max_tokens,
+                               max_rows=batch_size)
+    else:
+        groups = [list(range(s, min(s + batch_size, len(items)))) for s in range(0, len(items), batch_size)]
+    for group in groups:
+        chunk = [items[i] for i in group]
         yield collate([e for e, _ in chunk], [w for _, w in chunk])

@@ -78,8 +78,9 @@ class DataConfig:
     cache_dir: str | None = None          # default: $VNT_CACHE_DIR or ~/.cache/vnt
     min_length: int = 16                  # chains with fewer valid residues are skipped
     val_fraction: float = 0.1             # of unique sequences (split by sequence, never leaks)
-    max_length: int = 64                  # residues per example after cropping
-    batch_size: int = 4                   # examples per batch (per process)
+    max_length: int = 64                  # residues per example after cropping (random crops in training, consecutive windows in validation); 0: whole chains
+    batch_size: int = 4                   # examples per batch (per process); with max_tokens, at most this many
+    max_tokens: int = 0                   # token budget per batch: rows x longest (residues) within this, length-bucketed; 0: batch_size examples per batch
     bucket: bool = True                   # length-bucketed batching
     synthetic_count: int = 64             # chains for synthetic
     synthetic_length: int = 64            # residues per chain for synthetic
@@ -92,9 +93,13 @@ class DataConfig:
             raise ValueError("source 'scn-pickle' needs path=FILE.pkl")
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
-        for name in ("min_length", "max_length", "batch_size"):
+        for name in ("min_length", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_length", "max_tokens"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (0: {'whole chains' if name == 'max_length' else 'no budget'}), "
+                                 f"got {getattr(self, name)}")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -21,7 +21,8 @@ class Validator:
 
     def __init__(self, proc: Process, cfg: TrainConfig, val, run_dir: Path):
         self.proc, self.cfg, self.val, self.path = proc, cfg, val, Path(run_dir) / "validation.csv"
-        self.batching = dict(max_length=cfg.data.max_length, batch_size=cfg.data.batch_size)
+        self.batching = dict(max_length=cfg.data.max_length, batch_size=cfg.data.batch_size,
+                             max_tokens=cfg.data.max_tokens)
 
     @torch.no_grad()
     def validate(self, engine) -> dict:
