@@ -3,9 +3,9 @@ memory from ``bash launch/train.sh`` itself (one process, its metrics.csv).
 
     python -m bench.main_job_memory [--steps 8] [--out results/memory]
 
-Cases: the default model (dim 32, depth 2) on synthetic 512-residue chains, the model scaled to
-depth 8 / dim 128 at 512 and 1024 residues (batch 1), and the default model on whole embedded
-chains (up to 758 residues) batched by a 2048-token budget. Per case: the median step time of the
+Cases (``--cases``): default-512, the default model (dim 32, depth 2) on synthetic 512-residue chains, the model scaled to
+depth 8 / dim 128 at 512 and 1024 residues (deep-512, deep-1024; batch 1), and the default model on whole embedded
+chains (up to 758 residues) batched by a 2048-token budget (default-whole). Per case: the median step time of the
 steps after the first, and the process's peak RSS (metrics.csv's peak_mem_mib, which includes the
 ~0.5 GiB of a DeepSpeed process at rest). Writes main_job.{csv,md} with the machine it ran on.
 """
@@ -25,11 +25,11 @@ ROOT = Path(__file__).parents[1]
 SYNTHETIC = ["--data-source", "synthetic", "--data-synthetic-count", "16", "--data-batch-size", "1"]
 DEEP = ["--model-depth", "8", "--model-dim", "128"]
 CASES = {
-    "default model, 512 residues": [*SYNTHETIC, "--data-synthetic-length", "512", "--data-max-length", "512"],
-    "depth 8 / dim 128, 512 residues": [*DEEP, *SYNTHETIC, "--data-synthetic-length", "512", "--data-max-length", "512"],
-    "depth 8 / dim 128, 1024 residues": [*DEEP, *SYNTHETIC, "--data-synthetic-length", "1024",
+    "default-512": [*SYNTHETIC, "--data-synthetic-length", "512", "--data-max-length", "512"],
+    "deep-512": [*DEEP, *SYNTHETIC, "--data-synthetic-length", "512", "--data-max-length", "512"],
+    "deep-1024": [*DEEP, *SYNTHETIC, "--data-synthetic-length", "1024",
                                          "--data-max-length", "1024"],
-    "default model, whole chains, 2048-token batches": ["--data-max-length", "0", "--data-max-tokens", "2048",
+    "default-whole": ["--data-max-length", "0", "--data-max-tokens", "2048",
                                                         "--data-batch-size", "16"],
 }
 
