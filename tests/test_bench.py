@@ -341,3 +341,37 @@ def test_compare_versions_pairs_two_vnt_versions(tmp_path):
     assert [(r.split("|")[1].strip(), r.split("|")[2].strip()) for r in rows] == [
         (ftz, b) for ftz in ("off", "on") for b in ("math", "sdpa", "l2")], rows
     assert all(any(v in r for v in ("no measurable difference", "new faster", "new slower")) for r in rows)
+
+
+def test_memory_league_search_doubles_then_bisects(monkeypatch):
+    """The search on a fake network that trains up to 3000 points: 1024, 2048 ok, 4096 out of memory,
+    then bisection 3072 (no), 2560 (yes); one that starts out of memory halves; the ceiling stops."""
+    from bench import memory_league as league
+    for fits, start, expect, limited in [(3000, 1024, 2560, "memory"), (300, 1024, 256, "memory"),
+                                         (10 ** 6, 1024, 4096, "ceiling")]:
+        seen = []
+        monkeypatch.setattr(league, "probe", lambda entry, n, cap, t, fits=fits: seen.append(n) or (
+            {"status": "ok", "step_s": n / 1000, "peak_mem_mib": n, "params": 1} if n <= fits else {"status": "oom"}))
+        row = league.search(("vnt", "sdpa", True), 2, start=start, max_points=4096, bisect=2, timeout_s=1,
+                            log=lambda *a: None)
+        assert (row["max_points"], row["limited_by"]) == (expect, limited), (fits, seen, row)
+        assert row["step_s_at_max"] == expect / 1000
+    assert seen == [1024, 2048, 4096]
+
+
+def test_memory_league_runs_real_probes_and_writes_its_report(tmp_path):
+    """python -m bench.memory_league at tiny caps: vnt sdpa with checkpointing and Equiformer, two
+    caps, real fresh-process probes under RLIMIT_AS; the CSV has the issue's columns."""
+    pytest.importorskip("equiformer_pytorch")
+    import pandas as pd
+    proc = subprocess.run([sys.executable, "-m", "bench.memory_league", "--models", "vnt,Equiformer", "--backends",
+                           "sdpa,-", "--caps-gib", "0.02,0.1", "--max-points", "512", "--start", "256", "--bisect", "1",
+                           "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    df = pd.read_csv(tmp_path / "latest.csv")
+    for col in ("model", "backend", "activation_checkpointing", "cap_mib", "max_points", "step_s_at_max", "peak_mem_mib"):
+        assert col in df.columns
+    assert set(df.model) == {"vnt", "Equiformer"} and set(df.cap_mib) == {20, 102}
+    assert (df.groupby(["model", "backend", "activation_checkpointing"]).max_points.apply(list)
+            .map(lambda v: v[0] <= v[1]).all())  # a larger cap never trains a shorter sequence
+    assert (tmp_path / "latest.md").read_text().count("| vnt ") == 4 and (tmp_path / "memory_league.png").is_file()

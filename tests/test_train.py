@@ -300,8 +300,10 @@ def test_activation_checkpointing_gives_the_same_losses(name, args, trained, cac
     """--run-activation-checkpointing true (every encoder layer, and a chosen layer list) trains the
     same per-step losses and gradient norms as the run without it, 2 processes."""
     ref = metrics(trained(name, args))
-    for extra in (["--run-activation-checkpointing", "true"],
-                  ["--run-activation-checkpointing", "true", "--run-checkpoint-layers", "0"]):
+    variants = [["--run-activation-checkpointing", "true"]]
+    if name == "zero0-fp32":  # a chosen layer list, once
+        variants.append(["--run-activation-checkpointing", "true", "--run-checkpoint-layers", "0"])
+    for extra in variants:
         run_dir = tmp_path / f"ckpt{len(extra)}"
         out = launch([*args, *extra, "--run-dir", run_dir, "--max-steps", 3, "--run-ckpt-every", 1], cache_dir,
                      NUM_GPUS=2)

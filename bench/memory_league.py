@@ -1,0 +1,243 @@
+"""The memory/length league: the longest sequence each network trains (one forward+backward step)
+under an address-space cap, and its step time there.
+
+    python -m bench.memory_league [--caps-gib 2,8] [--max-points 16384] [--probe-timeout-s 300]
+
+Every probe is a fresh process: the network and its inputs are built at the probe's length, one
+step runs at 8 points (it builds vnt's fused kernels and the peers' caches, which must not count),
+then ``RLIMIT_AS`` caps the address space at its size then plus the cap, and one timed step runs.
+An allocation past the cap fails there (``oom``); a step slower than ``--probe-timeout-s`` is
+stopped (``time``). The search doubles from 1024 points (or halves, if 1024 fails), then bisects
+between the last length that trained and the first that did not, ``--bisect`` times, in multiples
+of 64, up to ``--max-points`` (the search's ceiling). ``limited_by`` says what stopped it: memory,
+time, or the ceiling. The larger cap's search starts from the smaller cap's result.
+
+One matched size for every network (``SIZE``: width 32, depth 2, 4 heads of 16, 16 invariant
+features per point, float32, batch 1, one point per atom); En-Transformer takes 4 heads of 32 (its
+rotary embedding wants dim_head >= 32) and both peers attend to 32 nearest neighbours (their
+sparse setting, kinder to their memory than full attention); Equiformer has degrees 0-1.
+``params`` records each network's parameter count.
+
+Writes results/memory/latest.{csv,md,meta.json} and memory_league.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).parents[1]
+OUT = ROOT / "results" / "memory"
+SIZE = dict(dim=32, depth=2, heads=4, dim_head=16, dim_feat=16)
+NEIGHBORS = 32
+# (model, backend, activation checkpointing)
+ENTRIES = [("vnt", b, ck) for b in ("math", "sdpa", "l2") for ck in (False, True)] + [
+    ("VN-transformer 0.1.0", "math", False), ("VN-transformer 0.1.0", "sdpa", False),
+    ("En-Transformer", "-", False), ("Equiformer", "-", False)]
+
+
+def build(model: str, backend: str, checkpointing: bool, n: int):
+    """(network, step function) of one entry at n points."""
+    import torch
+    torch.manual_seed(0)
+    coors = torch.randn(1, n, 3)
+    mask = torch.ones(1, n, dtype=torch.bool)
+    if model == "vnt":
+        from vnt import VNTransformer
+        net = VNTransformer(**SIZE, attn_backend=backend, translation_invariant=True)
+        if checkpointing:
+            net.encoder.checkpoint_layers()
+        feats = torch.randn(1, n, SIZE["dim_feat"])
+        call = lambda: net(coors, feats=feats, mask=mask)[0]  # noqa: E731
+    elif model == "VN-transformer 0.1.0":
+        from VN_transformer import VNTransformer
+        net = VNTransformer(**SIZE, flash_attn=backend == "sdpa", translation_invariant=True)
+        feats = torch.randn(1, n, SIZE["dim_feat"])
+        call = lambda: net(coors, feats=feats, mask=mask)[0]  # noqa: E731
+    elif model == "En-Transformer":
+        from en_transformer import EnTransformer
+        net = EnTransformer(dim=SIZE["dim"], depth=SIZE["depth"], heads=SIZE["heads"], dim_head=32, neighbors=NEIGHBORS)
+        feats = torch.randn(1, n, SIZE["dim"])
+        call = lambda: net(feats, coors, mask=mask)[1]  # noqa: E731
+    elif model == "Equiformer":
+        from equiformer_pytorch import Equiformer
+        net = Equiformer(dim=SIZE["dim"], num_degrees=2, depth=SIZE["depth"], heads=SIZE["heads"],
+                         dim_head=SIZE["dim_head"], num_neighbors=NEIGHBORS, reduce_dim_out=True)
+        feats = torch.randn(1, n, SIZE["dim"])
+        call = lambda: net(feats, coors, mask=mask).type1  # noqa: E731
+    else:
+        raise ValueError(f"unknown model {model!r}")
+
+    def step():
+        net.zero_grad(set_to_none=True)
+        call().square().sum().backward()
+    return net, step
+
+
+def _vm_size_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmSize:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmSize in /proc/self/status (Linux only)")
+
+
+def probe_child(entry_json: str, n: int, cap_bytes: int) -> None:
+    """In the child: warm step at 8 points, cap the address space, one timed step at n; prints JSON."""
+    import torch
+    model, backend, ck = json.loads(entry_json)
+    build(model, backend, ck, 8)[1]()
+    net, step = build(model, backend, ck, n)
+    base = _vm_size_bytes()
+    resource.setrlimit(resource.RLIMIT_AS, (base + cap_bytes, base + cap_bytes))
+    t = time.perf_counter()
+    try:
+        step()
+    except (torch.OutOfMemoryError, RuntimeError, MemoryError) as err:
+        text = str(err).lower()
+        if not isinstance(err, (torch.OutOfMemoryError, MemoryError)) and "alloc" not in text and "memory" not in text:
+            raise
+        print(json.dumps({"status": "oom"}))
+        return
+    print(json.dumps({"status": "ok", "step_s": time.perf_counter() - t,
+                      "peak_mem_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      "params": sum(p.numel() for p in net.parameters())}))
+
+
+def probe(entry, n: int, cap_gib: float, timeout_s: float) -> dict:
+    code = "import sys; from bench.memory_league import probe_child; probe_child(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))"
+    try:
+        proc = subprocess.run([sys.executable, "-c", code, json.dumps(entry), str(n), str(int(cap_gib * 2 ** 30))],
+                              capture_output=True, text=True, cwd=ROOT, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return {"status": "time"}
+    last = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
+    if last.startswith("{"):
+        return json.loads(last)
+    err = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ""
+    if proc.returncode < 0 or "memory" in err.lower() or "alloc" in err.lower():  # killed, or failed to allocate outside torch
+        return {"status": "oom", "detail": err[:200]}
+    raise RuntimeError(f"probe {entry} n={n} failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
+
+
+def search(entry, cap_gib: float, *, start: int, max_points: int, bisect: int, timeout_s: float, log) -> dict:
+    """Doubling (or halving) from ``start``, then ``bisect`` bisections; the row of the longest that trained."""
+    tried: dict[int, dict] = {}
+
+    def run(n):
+        tried[n] = probe(entry, n, cap_gib, timeout_s)
+        log(entry, cap_gib, n, tried[n])
+        return tried[n]["status"] == "ok"
+
+    n = min(start, max_points)
+    if run(n):
+        while n < max_points and run(min(2 * n, max_points)):
+            n = min(2 * n, max_points)
+        lo, hi = n, (min(2 * n, max_points) if n < max_points else None)
+    else:
+        hi = n
+        while n > 64 and not run(n // 2):
+            n //= 2
+        lo, hi = (n // 2 if n > 64 else 0), n
+    for _ in range(bisect if hi else 0):
+        mid = (lo + hi) // 2 // 64 * 64
+        if mid in (lo, hi):
+            break
+        if run(mid):
+            lo = mid
+        else:
+            hi = mid
+    best = tried.get(lo, {})
+    limited_by = "ceiling" if hi is None else tried[hi]["status"].replace("oom", "memory")
+    return {"max_points": lo, "step_s_at_max": best.get("step_s"), "peak_mem_mib": best.get("peak_mem_mib"),
+            "params": best.get("params"), "limited_by": limited_by, "first_failed_points": hi,
+            "probes": len(tried)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.memory_league", description=__doc__, allow_abbrev=False,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--caps-gib", default="2,8")
+    p.add_argument("--max-points", type=int, default=16384, help="the search's ceiling")
+    p.add_argument("--start", type=int, default=1024)
+    p.add_argument("--bisect", type=int, default=2)
+    p.add_argument("--probe-timeout-s", type=float, default=300)
+    p.add_argument("--models", default="", help="comma-separated model names (default: all)")
+    p.add_argument("--backends", default="", help="comma-separated backends (default: all; peers' is -)")
+    p.add_argument("--out", default=str(OUT))
+    args = p.parse_args(argv)
+    import pandas as pd
+
+    from bench.report import environment
+    caps = [float(c) for c in args.caps_gib.split(",")]
+    entries = [e for e in ENTRIES if (not args.models or e[0] in args.models.split(","))
+               and (not args.backends or e[1] in args.backends.split(","))]
+    rows = []
+
+    def log(entry, cap, n, result):
+        print(json.dumps({"entry": entry, "cap_gib": cap, "n": n, **result}), flush=True)
+
+    for entry in entries:
+        start = args.start
+        for cap in sorted(caps):
+            row = search(entry, cap, start=start, max_points=args.max_points, bisect=args.bisect,
+                         timeout_s=args.probe_timeout_s, log=log)
+            rows.append({"model": entry[0], "backend": entry[1], "activation_checkpointing": entry[2],
+                         "cap_mib": int(cap * 1024), **row})
+            start = max(row["max_points"], 64)
+    df = pd.DataFrame(rows)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    df.to_csv(out / "latest.csv", index=False)
+    meta = {**environment(), "command": "python -m bench.memory_league " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "size": SIZE, "neighbors_of_peers": NEIGHBORS, "max_points": args.max_points,
+            "probe_timeout_s": args.probe_timeout_s, "bisect": args.bisect}
+    (out / "latest.meta.json").write_text(json.dumps(meta, indent=2))
+    (out / "latest.md").write_text(render(df, meta))
+    plot(df, out / "memory_league.png")
+    return 0
+
+
+def render(df, meta: dict) -> str:
+    best_peer = {cap: df[(df.model != "vnt") & (df.cap_mib == cap)].max_points.max() for cap in df.cap_mib.unique()}
+    shown = df.copy()
+    shown["vs best peer"] = [f"{r.max_points / best_peer[r.cap_mib]:.1f}x" if r.model == "vnt" and best_peer[r.cap_mib]
+                             else "" for r in df.itertuples()]
+    cols = ["model", "backend", "activation_checkpointing", "cap_mib", "max_points", "limited_by", "step_s_at_max",
+            "peak_mem_mib", "params", "vs best peer"]
+    lines = ["# Memory/length league", "",
+             f"`{meta['command']}`. The longest sequence that trains one forward+backward step under each "
+             "address-space cap, in fresh processes (bench/memory_league.py says how). `limited_by`: memory (the next "
+             f"length ran out of memory), time (the next took over {meta['probe_timeout_s']:g} s) or ceiling (the search "
+             f"stops at {meta['max_points']} points). Size: {meta['size']}; peers attend to {meta['neighbors_of_peers']} "
+             "nearest neighbours. `peak_mem_mib`: the probe process's peak RSS.", "",
+             *[f"- {k}: {v}" for k, v in meta.items() if k not in ("command",)], "",
+             shown[cols].round(3).to_markdown(index=False), ""]
+    return "\n".join(lines)
+
+
+def plot(df, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 4))
+    labels = [f"{r.model} {r.backend}{' +ckpt' if r.activation_checkpointing else ''}" for r in
+              df.drop_duplicates(["model", "backend", "activation_checkpointing"]).itertuples()]
+    width = 0.8 / df.cap_mib.nunique()
+    for k, cap in enumerate(sorted(df.cap_mib.unique())):
+        sub = df[df.cap_mib == cap]
+        ax.bar([i + k * width for i in range(len(sub))], sub.max_points, width, label=f"{cap / 1024:g} GiB")
+    ax.set_xticks([i + width / 2 for i in range(len(labels))], labels, rotation=45, ha="right", fontsize=7)
+    ax.set_ylabel("longest sequence that trains (points)")
+    ax.set_yscale("log", base=2)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
