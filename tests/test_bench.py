@@ -375,3 +375,14 @@ def test_memory_league_runs_real_probes_and_writes_its_report(tmp_path):
     assert (df.groupby(["model", "backend", "activation_checkpointing"]).max_points.apply(list)
             .map(lambda v: v[0] <= v[1]).all())  # a larger cap never trains a shorter sequence
     assert (tmp_path / "latest.md").read_text().count("| vnt ") == 4 and (tmp_path / "memory_league.png").is_file()
+
+
+def test_main_job_memory_case_runs_the_launcher_and_reads_its_metrics():
+    """bench.main_job_memory's measurement at tiny size: a real launch, step time and peak memory."""
+    pytest.importorskip("deepspeed")
+    from bench import main_job_memory
+    row = main_job_memory.run_case(["--model-dim", "8", "--model-depth", "2", "--model-heads", "2",
+                                    "--model-dim-head", "4", "--model-dim-feat", "4", *main_job_memory.SYNTHETIC,
+                                    "--data-synthetic-length", "40", "--data-max-length", "0"],
+                                   checkpointing=True, steps=3)
+    assert row["steps_timed"] == 2 and row["step_s_median"] > 0 and row["peak_mem_mib"] > 100
