@@ -37,28 +37,36 @@ def _vm_size_bytes() -> int:
     raise RuntimeError("no VmSize in /proc/self/status (Linux only)")
 
 
-def _one_step(case_json: str, limit_bytes: int) -> None:
-    """In the child: build the model, run one step at 8 points (it compiles vnt's fused kernels, whose
-    compiler must not count against the limit; the kernels take any length), cap the address space
-    at its size then plus the limit, then run one forward+backward at the case's length."""
+def capped_step(step, limit_bytes: int) -> dict:
+    """Cap this process's address space at its size now plus ``limit_bytes`` (``RLIMIT_AS``), run
+    ``step()`` once: ``{"status": "ok", "seconds", "peak_rss_mib"}``, or ``{"status": "oom", "error"}``
+    where an allocation failed under the cap. The cap stays: call it last, in a process of its own."""
     import torch
-
-    from bench.measure import child_step
-    short = {**json.loads(case_json), "n": 8}
-    child_step(json.dumps(short))()
-    fb = child_step(case_json)
     base = _vm_size_bytes()
     resource.setrlimit(resource.RLIMIT_AS, (base + limit_bytes, base + limit_bytes))
     t = time.perf_counter()
     try:
-        fb()
-    except (torch.OutOfMemoryError, RuntimeError) as err:  # the CPU allocator's "can't allocate memory"
-        if "alloc" not in str(err).lower() and not isinstance(err, torch.OutOfMemoryError):
+        step()
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as err:  # the CPU allocator's "can't allocate memory"
+        text = str(err).lower()
+        if not isinstance(err, (torch.OutOfMemoryError, MemoryError)) and "alloc" not in text and "memory" not in text:
             raise
-        print(json.dumps({"status": "oom", "error": str(err).splitlines()[0][:200]}))
-        return
-    print(json.dumps({"status": "ok", "fwd_bwd_s": time.perf_counter() - t,
-                      "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+        return {"status": "oom", "error": str(err).splitlines()[0][:200] if str(err) else type(err).__name__}
+    return {"status": "ok", "seconds": time.perf_counter() - t,
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def _one_step(case_json: str, limit_bytes: int) -> None:
+    """In the child: build the model, run one step at 8 points (it compiles vnt's fused kernels, whose
+    compiler must not count against the limit; the kernels take any length), cap the address space
+    at its size then plus the limit, then run one forward+backward at the case's length."""
+    from bench.measure import child_step
+    short = {**json.loads(case_json), "n": 8}
+    child_step(json.dumps(short))()
+    result = capped_step(child_step(case_json), limit_bytes)
+    if "seconds" in result:
+        result["fwd_bwd_s"] = result.pop("seconds")
+    print(json.dumps(result))
 
 
 def main(argv=None) -> int:

@@ -12,6 +12,10 @@ between the last length that trained and the first that did not, ``--bisect`` ti
 of 64, up to ``--max-points`` (the search's ceiling). ``limited_by`` says what stopped it: memory,
 time, or the ceiling. The larger cap's search starts from the smaller cap's result.
 
+Every probe's result is appended to ``--probes`` (results/memory/probes.jsonl), one JSON line; a
+probe already there (same entry, cap and length) is read back, not rerun, so a stopped league goes
+on where it stopped. ``--probes ''`` runs every probe afresh.
+
 One matched size for every network (``SIZE``: width 32, depth 2, 4 heads of 16, 16 invariant
 features per point, float32, batch 1, one point per atom); En-Transformer takes 4 heads of 32 (its
 rotary embedding wants dim_head >= 32) and both peers attend to 32 nearest neighbours (their
@@ -24,10 +28,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).parents[1]
@@ -62,7 +64,9 @@ def build(model: str, backend: str, checkpointing: bool, n: int):
         from en_transformer import EnTransformer
         net = EnTransformer(dim=SIZE["dim"], depth=SIZE["depth"], heads=SIZE["heads"], dim_head=32, neighbors=NEIGHBORS)
         feats = torch.randn(1, n, SIZE["dim"])
-        call = lambda: net(feats, coors, mask=mask)[1]  # noqa: E731
+        # no mask: every point is real, and En-Transformer 1.6.6 fails on a mask when it has fewer
+        # points than neighbours (the 8-point warm step)
+        call = lambda: net(feats, coors)[1]  # noqa: E731
     elif model == "Equiformer":
         from equiformer_pytorch import Equiformer
         net = Equiformer(dim=SIZE["dim"], num_degrees=2, depth=SIZE["depth"], heads=SIZE["heads"],
@@ -78,33 +82,17 @@ def build(model: str, backend: str, checkpointing: bool, n: int):
     return net, step
 
 
-def _vm_size_bytes() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmSize:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmSize in /proc/self/status (Linux only)")
-
-
 def probe_child(entry_json: str, n: int, cap_bytes: int) -> None:
     """In the child: warm step at 8 points, cap the address space, one timed step at n; prints JSON."""
-    import torch
+    from bench.long_sequences import capped_step
     model, backend, ck = json.loads(entry_json)
     build(model, backend, ck, 8)[1]()
     net, step = build(model, backend, ck, n)
-    base = _vm_size_bytes()
-    resource.setrlimit(resource.RLIMIT_AS, (base + cap_bytes, base + cap_bytes))
-    t = time.perf_counter()
-    try:
-        step()
-    except (torch.OutOfMemoryError, RuntimeError, MemoryError) as err:
-        text = str(err).lower()
-        if not isinstance(err, (torch.OutOfMemoryError, MemoryError)) and "alloc" not in text and "memory" not in text:
-            raise
-        print(json.dumps({"status": "oom"}))
-        return
-    print(json.dumps({"status": "ok", "step_s": time.perf_counter() - t,
-                      "peak_mem_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                      "params": sum(p.numel() for p in net.parameters())}))
+    result = capped_step(step, cap_bytes)
+    if result["status"] == "ok":
+        result = {"status": "ok", "step_s": result["seconds"], "peak_mem_mib": result["peak_rss_mib"],
+                  "params": sum(p.numel() for p in net.parameters())}
+    print(json.dumps(result))
 
 
 def probe(entry, n: int, cap_gib: float, timeout_s: float) -> dict:
@@ -123,13 +111,21 @@ def probe(entry, n: int, cap_gib: float, timeout_s: float) -> dict:
     raise RuntimeError(f"probe {entry} n={n} failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
 
 
-def search(entry, cap_gib: float, *, start: int, max_points: int, bisect: int, timeout_s: float, log) -> dict:
-    """Doubling (or halving) from ``start``, then ``bisect`` bisections; the row of the longest that trained."""
+def search(entry, cap_gib: float, *, start: int, max_points: int, bisect: int, timeout_s: float, log,
+           done: dict | None = None) -> dict:
+    """Doubling (or halving) from ``start``, then ``bisect`` bisections; the row of the longest that trained.
+    ``done``: results of earlier probes, by (entry, cap_gib, n), used instead of running them again."""
     tried: dict[int, dict] = {}
+    reused = []
 
     def run(n):
-        tried[n] = probe(entry, n, cap_gib, timeout_s)
-        log(entry, cap_gib, n, tried[n])
+        key = (tuple(entry), float(cap_gib), n)
+        if done is not None and key in done:
+            tried[n] = done[key]
+            reused.append(n)
+        else:
+            tried[n] = probe(entry, n, cap_gib, timeout_s)
+            log(entry, cap_gib, n, tried[n])
         return tried[n]["status"] == "ok"
 
     n = min(start, max_points)
@@ -154,7 +150,7 @@ def search(entry, cap_gib: float, *, start: int, max_points: int, bisect: int, t
     limited_by = "ceiling" if hi is None else tried[hi]["status"].replace("oom", "memory")
     return {"max_points": lo, "step_s_at_max": best.get("step_s"), "peak_mem_mib": best.get("peak_mem_mib"),
             "params": best.get("params"), "limited_by": limited_by, "first_failed_points": hi,
-            "probes": len(tried)}
+            "probes": len(tried), "probes_reused": len(reused)}
 
 
 def main(argv=None) -> int:
@@ -168,6 +164,7 @@ def main(argv=None) -> int:
     p.add_argument("--models", default="", help="comma-separated model names (default: all)")
     p.add_argument("--backends", default="", help="comma-separated backends (default: all; peers' is -)")
     p.add_argument("--out", default=str(OUT))
+    p.add_argument("--probes", default=str(OUT / "probes.jsonl"), help="probe log, read back and appended to ('' for none)")
     args = p.parse_args(argv)
     import pandas as pd
 
@@ -176,15 +173,26 @@ def main(argv=None) -> int:
     entries = [e for e in ENTRIES if (not args.models or e[0] in args.models.split(","))
                and (not args.backends or e[1] in args.backends.split(","))]
     rows = []
+    probes = Path(args.probes) if args.probes else None
+    done = {}
+    if probes and probes.exists():
+        for line in probes.read_text().splitlines():
+            r = json.loads(line)
+            done[(tuple(r.pop("entry")), float(r.pop("cap_gib")), r.pop("n"))] = r
 
     def log(entry, cap, n, result):
-        print(json.dumps({"entry": entry, "cap_gib": cap, "n": n, **result}), flush=True)
+        line = json.dumps({"entry": entry, "cap_gib": cap, "n": n, **result})
+        print(line, flush=True)
+        if probes:
+            probes.parent.mkdir(parents=True, exist_ok=True)
+            with probes.open("a") as f:
+                f.write(line + "\n")
 
     for entry in entries:
         start = args.start
         for cap in sorted(caps):
             row = search(entry, cap, start=start, max_points=args.max_points, bisect=args.bisect,
-                         timeout_s=args.probe_timeout_s, log=log)
+                         timeout_s=args.probe_timeout_s, log=log, done=done)
             rows.append({"model": entry[0], "backend": entry[1], "activation_checkpointing": entry[2],
                          "cap_mib": int(cap * 1024), **row})
             start = max(row["max_points"], 64)
@@ -194,7 +202,8 @@ def main(argv=None) -> int:
     df.to_csv(out / "latest.csv", index=False)
     meta = {**environment(), "command": "python -m bench.memory_league " + " ".join(argv if argv is not None else sys.argv[1:]),
             "size": SIZE, "neighbors_of_peers": NEIGHBORS, "max_points": args.max_points,
-            "probe_timeout_s": args.probe_timeout_s, "bisect": args.bisect}
+            "probe_timeout_s": args.probe_timeout_s, "bisect": args.bisect,
+            "probe_log": args.probes}
     (out / "latest.meta.json").write_text(json.dumps(meta, indent=2))
     (out / "latest.md").write_text(render(df, meta))
     plot(df, out / "memory_league.png")

@@ -357,21 +357,35 @@ def test_memory_league_search_doubles_then_bisects(monkeypatch):
         assert (row["max_points"], row["limited_by"]) == (expect, limited), (fits, seen, row)
         assert row["step_s_at_max"] == expect / 1000
     assert seen == [1024, 2048, 4096]
+    seen.clear()  # a probe log's results are read back, not run again
+    row = league.search(("vnt", "sdpa", True), 2, start=1024, max_points=4096, bisect=0, timeout_s=1,
+                        log=lambda *a: None, done={(("vnt", "sdpa", True), 2.0, 2048): {"status": "oom"}})
+    assert seen == [1024] and (row["max_points"], row["probes_reused"]) == (1024, 1), row
 
 
 def test_memory_league_runs_real_probes_and_writes_its_report(tmp_path):
-    """python -m bench.memory_league at tiny caps: vnt sdpa with checkpointing and Equiformer, two
-    caps, real fresh-process probes under RLIMIT_AS; the CSV has the issue's columns."""
+    """python -m bench.memory_league at tiny caps: vnt sdpa with and without checkpointing,
+    En-Transformer and Equiformer, two caps, real fresh-process probes under RLIMIT_AS; the CSV has the
+    issue's columns. Run again, it reads every probe back from its log and writes the same table."""
     pytest.importorskip("equiformer_pytorch")
+    pytest.importorskip("en_transformer")
     import pandas as pd
-    proc = subprocess.run([sys.executable, "-m", "bench.memory_league", "--models", "vnt,Equiformer", "--backends",
-                           "sdpa,-", "--caps-gib", "0.02,0.1", "--max-points", "512", "--start", "256", "--bisect", "1",
-                           "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    command = [sys.executable, "-m", "bench.memory_league", "--models", "vnt,En-Transformer,Equiformer", "--backends",
+               "sdpa,-", "--caps-gib", "0.02,0.1", "--max-points", "512", "--start", "256", "--bisect", "1",
+               "--out", str(tmp_path), "--probes", str(tmp_path / "probes.jsonl")]
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     df = pd.read_csv(tmp_path / "latest.csv")
+    logged = (tmp_path / "probes.jsonl").read_text().splitlines()
+    assert len(logged) == df.probes.sum() and df.probes_reused.sum() == 0
+    again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (tmp_path / "probes.jsonl").read_text().splitlines() == logged  # nothing ran again
+    reread = pd.read_csv(tmp_path / "latest.csv")
+    assert (reread.probes_reused == reread.probes).all() and reread.max_points.tolist() == df.max_points.tolist()
     for col in ("model", "backend", "activation_checkpointing", "cap_mib", "max_points", "step_s_at_max", "peak_mem_mib"):
         assert col in df.columns
-    assert set(df.model) == {"vnt", "Equiformer"} and set(df.cap_mib) == {20, 102}
+    assert set(df.model) == {"vnt", "En-Transformer", "Equiformer"} and set(df.cap_mib) == {20, 102}
     assert (df.groupby(["model", "backend", "activation_checkpointing"]).max_points.apply(list)
             .map(lambda v: v[0] <= v[1]).all())  # a larger cap never trains a shorter sequence
     assert (tmp_path / "latest.md").read_text().count("| vnt ") == 4 and (tmp_path / "memory_league.png").is_file()
