@@ -1,6 +1,6 @@
 """Long sequences under a memory limit: one training step (forward + backward) per backend and
-length in a fresh process. After the model and inputs are built and one step has run at 8 points
-(compiling vnt's fused kernels, vnt.fast.kernels), the process's address space is capped (RLIMIT_AS) at
+length in a fresh process. After the model and inputs are built and a warm step has run at 200
+points with every fused kernel on (compiling vnt.fast.kernels), the process's address space is capped (RLIMIT_AS) at
 its size then plus the limit, so an allocation that would take the step past
 the limit fails there as out-of-memory. The quadratic attention matrix of the written-out `math`
 path runs out where the SDPA kernels (sdpa, l2) train on.
@@ -37,6 +37,18 @@ def _vm_size_bytes() -> int:
     raise RuntimeError("no VmSize in /proc/self/status (Linux only)")
 
 
+WARM_POINTS = 200  # the warm step's length: past inductor's small-size guards, equal to no channel count
+
+
+def warm_step(step) -> None:
+    """Run ``step`` (a short one, ``WARM_POINTS`` long) with every fused kernel on (the plan's
+    ``fused_min_numel`` 0), so that each compiles now, before a cap, and not in the measured step:
+    the kernels take any length (dynamic shapes)."""
+    from vnt import fast
+    with fast.configure(fused_min_numel=0):
+        step()
+
+
 def capped_step(step, limit_bytes: int) -> dict:
     """Cap this process's address space at its size now plus ``limit_bytes`` (``RLIMIT_AS``), run
     ``step()`` once: ``{"status": "ok", "seconds", "peak_rss_mib"}``, or ``{"status": "oom", "error"}``
@@ -57,12 +69,12 @@ def capped_step(step, limit_bytes: int) -> dict:
 
 
 def _one_step(case_json: str, limit_bytes: int) -> None:
-    """In the child: build the model, run one step at 8 points (it compiles vnt's fused kernels, whose
-    compiler must not count against the limit; the kernels take any length), cap the address space
-    at its size then plus the limit, then run one forward+backward at the case's length."""
+    """In the child: build the model, run a warm step (``warm_step``: it compiles vnt's fused kernels,
+    whose compiler must not count against the limit), cap the address space at its size then plus the
+    limit, then run one forward+backward at the case's length."""
     from bench.measure import child_step
-    short = {**json.loads(case_json), "n": 8}
-    child_step(json.dumps(short))()
+    short = {**json.loads(case_json), "n": WARM_POINTS}
+    warm_step(child_step(json.dumps(short)))
     result = capped_step(child_step(case_json), limit_bytes)
     if "seconds" in result:
         result["fwd_bwd_s"] = result.pop("seconds")
@@ -100,14 +112,14 @@ def main(argv=None) -> int:
     df = pd.DataFrame(rows)
     df.to_csv(out / "long_sequences.csv", index=False)
     meta = {**env, "command": "python -m bench.long_sequences " + " ".join(argv or sys.argv[1:]),
-            "limit_gib": args.limit_gib, "protocol": "model and inputs built, one step at 8 points (compiles vnt's fused kernels), then RLIMIT_AS = address space then + limit, then one timed step"}
+            "limit_gib": args.limit_gib, "protocol": f"model and inputs built, one warm step at {WARM_POINTS} points with every fused kernel on (compiles them), then RLIMIT_AS = address space then + limit, then one timed step"}
     (out / "long_sequences.meta.json").write_text(json.dumps(meta, indent=2))
     table = df.pivot_table(index="n", columns="backend", values="status", aggfunc="first")
     ok = df[df["status"] == "ok"]
     time_ = ok.pivot_table(index="n", columns="backend", values="fwd_bwd_s") if len(ok) else pd.DataFrame()
     lines = [f"# Long sequences under a {args.limit_gib:g} GiB address-space limit", "",
              f"One forward+backward per case ({_config(rows[0])}, float32) in a fresh process: model and inputs "
-             "built and one step run at 8 points (it compiles vnt's fused kernels), then `RLIMIT_AS` set to the address "
+             f"built and one warm step run at {WARM_POINTS} points with every fused kernel on (it compiles them), then `RLIMIT_AS` set to the address "
              "space then plus the limit, then one timed step. "
              "`oom`: an allocation failed under the limit.", "",
              *[f"- {k}: {v}" for k, v in meta.items()], "", "## Status", "", table.to_markdown(), "",

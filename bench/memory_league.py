@@ -3,9 +3,9 @@ under an address-space cap, and its step time there.
 
     python -m bench.memory_league [--caps-gib 2,8] [--max-points 16384] [--probe-timeout-s 300]
 
-Every probe is a fresh process: the network and its inputs are built at the probe's length, one
-step runs at 8 points (it builds vnt's fused kernels and the peers' caches, which must not count),
-then ``RLIMIT_AS`` caps the address space at its size then plus the cap, and one timed step runs.
+Every probe is a fresh process: a warm step runs at 200 points with every fused kernel of vnt on
+(bench.long_sequences.warm_step: they compile then, not in the measured step, and the peers build
+their caches), the network and its inputs are built at the probe's length, then ``RLIMIT_AS`` caps the address space at its size then plus the cap, and one timed step runs.
 An allocation past the cap fails there (``oom``); a step slower than ``--probe-timeout-s`` is
 stopped (``time``). The search doubles from 1024 points (or halves, if 1024 fails), then bisects
 between the last length that trained and the first that did not, ``--bisect`` times, in multiples
@@ -83,10 +83,10 @@ def build(model: str, backend: str, checkpointing: bool, n: int):
 
 
 def probe_child(entry_json: str, n: int, cap_bytes: int) -> None:
-    """In the child: warm step at 8 points, cap the address space, one timed step at n; prints JSON."""
-    from bench.long_sequences import capped_step
+    """In the child: a warm step (bench.long_sequences.warm_step), cap the address space, one timed step at n; prints JSON."""
+    from bench.long_sequences import WARM_POINTS, capped_step, warm_step
     model, backend, ck = json.loads(entry_json)
-    build(model, backend, ck, 8)[1]()
+    warm_step(build(model, backend, ck, WARM_POINTS)[1])
     net, step = build(model, backend, ck, n)
     result = capped_step(step, cap_bytes)
     if result["status"] == "ok":
