@@ -53,8 +53,16 @@ README_EPS0 = {**README, "bias_epsilon": 0.0}
 # factor (the encoder's first layer), nearly free, so a depth-2 model gains more from it than a deeper one
 PAIRED = {"readme": README, "readme-eps0": README_EPS0, "n512": {**README, "n": 512, "batch": 1},
           "depth6": {**README, "depth": 6}}
-LONG_PAIRED = ("n512", "depth6")  # the original's step takes seconds there: the profile's long_rounds
+LONG_PAIRED = ("n512", "depth6", "protein-n512")  # the original's step takes seconds there: the profile's long_rounds
 
+
+# the protein profile: the original's README model at depth 8, and the main job's model
+# (vnt.denoiser.default_model_config: dim 32, depth 2, 4 heads x 16, dim_feat 16) scaled to depth 8,
+# dim 128 and 8 heads x 16, batch 1, at protein lengths in points (4 backbone atoms per residue)
+PROTEIN_README = {**README, "depth": 8, "batch": 1}
+PROTEIN_MAIN = dict(dim=128, depth=8, heads=8, dim_head=16, dim_feat=16, batch=1, bias_epsilon=1e-6)
+PROTEIN_LENGTHS = (256, 512, 1024, 2048)
+PROTEIN_PAIRED = {"protein-n512": {**PROTEIN_README, "n": 512}}
 
 TINY = dict(dim=8, depth=1, heads=2, dim_head=4, dim_feat=4, n=16, batch=1, bias_epsilon=1e-6)  # harness tests
 PAIRED_TINY = {"tiny": TINY}
@@ -65,6 +73,7 @@ def tiny_cases() -> list[Case]:
     cases = [Case(backend=b, group="grid", **TINY) for b in BACKENDS]
     cases += [Case(backend="sdpa", impl=impl, group="readme", **{**TINY, "n": 24}) for impl in ("vnt", "original")]
     cases += [Case(backend="math", group="compile", compile=True, **TINY)]
+    cases += [Case(backend="sdpa", group="protein_main", **{**TINY, "depth": 2})]  # the protein report's section
     return cases
 
 
@@ -99,6 +108,19 @@ def full_cases() -> list[Case]:
     cases += [Case(backend=b, n=n, group="length", **SMALL) for b in BACKENDS for n in (2048, 4096)]
     cases += [Case(backend=b, n=n, dtype="bfloat16", group="length", **SMALL) for b in BACKENDS for n in (256, 512)]
     return cases
+
+
+def protein_cases() -> list[Case]:
+    """The `protein` profile (``pytest --benchmark-only --bench-profile protein``): sizes proteins
+    train at. Its paired rows (bench.cases.PROTEIN_PAIRED) time vnt against the original at depth 8,
+    n 512, flush-to-zero on for both.
+
+    protein_readme: the original's README model at depth 8, batch 1, every backend x dtype x length
+    protein_main:   the main job's model at depth 8 / dim 128, batch 1, the same grid
+    """
+    return [Case(backend=b, dtype=d, group=group, **{**sizes, "n": n})
+            for group, sizes in (("protein_readme", PROTEIN_README), ("protein_main", PROTEIN_MAIN))
+            for d in DTYPES for n in PROTEIN_LENGTHS for b in BACKENDS]
 
 
 def cuda_cases() -> list[Case]:

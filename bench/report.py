@@ -168,7 +168,8 @@ def render(out_dir: Path = RESULTS) -> None:
                   "original's README example (dim 64, depth 2, 8 heads x 64, dim_feat 64, bias_epsilon 1e-6, n 128, "
                   "batch 2); `readme-eps0` the same at epsilon 0; `n512` the README example at n 512, batch 1; "
                   "`depth6` the README example at depth 6 (vnt's first attention layer runs on proj_in's rank-1 "
-                  "factor, nearly free, so deeper models gain less).", "",
+                  "factor, nearly free, so deeper models gain less); `protein-n512` the README example at depth 8, "
+                  "n 512, batch 1 (the protein profile).", "",
                   _table(_interval_columns(paired, "speedup_paired", above="vnt faster", below="vnt slower")
                          .set_index(["paired_config", "backend", "ftz"])[
                       ["original_ms", "fwd_bwd_ms", "speedup_paired", "95% interval", "verdict", "rounds"]]
@@ -243,6 +244,16 @@ def render(out_dir: Path = RESULTS) -> None:
         if table is not None:
             lines += ["Eager (numerator) / compiled (denominator) step, timed one model at a time; the interval "
                       "resamples both rows' repeats:", "", _table(table), ""]
+    protein = ok[ok["group"].isin(("protein_readme", "protein_main"))]
+    if len(protein):
+        lines += [f"## Protein sizes: depth-8 models at 256-2048 points, batch 1 (CPU flags: {meta.get('cpu_flags', '?')})", "",
+                  "`protein_readme`: the original's README model (dim 64, 8 heads x 64, dim_feat 64, eps 1e-6) at depth 8; "
+                  "`protein_main`: the main job's model scaled to dim 128, depth 8, 8 heads x 16, dim_feat 16, eps 1e-6. "
+                  "`peak_fraction`: achieved FLOP/s (vnt's own FLOP count) / the dense GEMM measured in this run and "
+                  "dtype; `attn_kernel`: the attention kernel that ran; bfloat16 under autocast.", "",
+                  _table(protein.set_index(["group", "dtype", "n", "backend"])[
+                      ["fwd_bwd_ms", "achieved_gflop_per_s", "peak_fraction", "peak_mem_mib", "attn_kernel",
+                       "equiv_rel_err", "equiv_floor_rel_err"]].sort_index().round(4)), ""]
     bf16 = ok[ok["group"] == "bf16"]
     if len(bf16):
         lines += [f"## bfloat16 autocast at the README example (CPU flags: {meta.get('cpu_flags', '?')})", "",

@@ -48,6 +48,27 @@ def tiny_session(tmp_path_factory, embedded, cache_dir):
     return out
 
 
+def test_protein_profile_runs_its_grid_and_paired_rows_with_flush_to_zero_on():
+    """`--bench-profile protein`: every backend x dtype x length of both depth-8 models, the paired
+    depth-8 rows with flush-to-zero on only, and no other benchmark (collected, then the skips run)."""
+    from bench.cases import PROTEIN_LENGTHS, protein_cases
+    cases = protein_cases()
+    assert len(cases) == len({c.id for c in cases}) == 2 * 3 * 2 * len(PROTEIN_LENGTHS)
+    assert {c.depth for c in cases} == {8} and {c.dim for c in cases} == {64, 128} and {c.batch for c in cases} == {1}
+    base = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--benchmark-only", "--bench-profile",
+            "protein", "bench"]
+    env = {**os.environ, "VNT_BENCH_MALLOC": "system"}
+    listed = subprocess.run([*base, "--collect-only"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0, listed.stdout[-3000:]
+    assert listed.stdout.count("test_step.py::test_step[") == len(cases)
+    assert listed.stdout.count("protein-n512") == 6  # 3 backends x flush-to-zero off/on, collected
+    skipped = subprocess.run([*base, "-k", "ftz-off or test_allocator or test_compat or test_train_league or test_scaling",
+                              "-rs"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert " passed" not in skipped.stdout and "ftz-off" not in skipped.stdout.split("short test summary")[0], skipped.stdout[-3000:]
+    assert "the protein profile pairs with flush-to-zero on only" in skipped.stdout
+    assert "not in the protein profile" in skipped.stdout
+
+
 def test_tiny_session_report_has_the_columns_and_no_unexplained_nan(tiny_session):
     import pandas as pd
     df = pd.read_csv(tiny_session / "latest.csv")
@@ -69,7 +90,7 @@ def test_tiny_session_report_has_the_columns_and_no_unexplained_nan(tiny_session
     stamped = [p for p in tiny_session.glob("2*.csv")]
     assert stamped and all(p.with_suffix(".meta.json").exists() for p in stamped)  # dated CSVs carry metadata
     md = (tiny_session / "latest.md").read_text()
-    assert "Protocol" in md and "Paired speed-up" in md and "torch.compile" in md
+    assert "Protocol" in md and "Paired speed-up" in md and "torch.compile" in md and "## Protein sizes" in md
     assert "What denormal floats cost each package" in md and "95% interval" in md
     paired = df[df["kind"] == "paired"]
     assert set(paired["ftz"]) == {False, True} and not paired[["speedup_paired_lo", "speedup_paired_hi"]].isna().any().any()
@@ -371,7 +392,7 @@ def test_memory_league_runs_real_probes_and_writes_its_report(tmp_path):
     pytest.importorskip("en_transformer")
     import pandas as pd
     command = [sys.executable, "-m", "bench.memory_league", "--models", "vnt,En-Transformer,Equiformer", "--backends",
-               "sdpa,-", "--caps-gib", "0.02,0.1", "--max-points", "512", "--start", "256", "--bisect", "1",
+               "sdpa,-", "--caps-gib", "0.02,0.1", "--max-points", "256", "--start", "128", "--bisect", "1",
                "--out", str(tmp_path), "--probes", str(tmp_path / "probes.jsonl")]
     proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
