@@ -105,6 +105,16 @@ def test_readme_scn_pickle_command(tmp_path, dry, embedded):
     assert cmd[0] == "deepspeed" and cmd[-4:] == ["--data-source", "scn-pickle", "--data-path", str(path)]
 
 
+def test_readme_whole_chains_with_checkpointing_command(tmp_path, dry):
+    """README: `bash launch/train.sh --data-max-length 0 --data-max-tokens 4096 --run-activation-checkpointing
+    true`, as written: the option check accepts it and the trainer gets it (runs of these options:
+    tests/test_denoise.py, tests/test_train.py)."""
+    args = ["--data-max-length", "0", "--data-max-tokens", "4096", "--run-activation-checkpointing", "true"]
+    code, cmd, err = dry(*args)
+    assert code == 0, err
+    assert cmd[0] == "deepspeed" and cmd[-len(args):] == args
+
+
 def test_without_gpus_two_cpu_processes(tmp_path, dry):
     code, cmd, err = dry(CUDA_VISIBLE_DEVICES=None)
     assert code == 0, err
