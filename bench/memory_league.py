@@ -203,7 +203,7 @@ def main(argv=None) -> int:
     meta = {**environment(), "command": "python -m bench.memory_league " + " ".join(argv if argv is not None else sys.argv[1:]),
             "size": SIZE, "neighbors_of_peers": NEIGHBORS, "max_points": args.max_points,
             "probe_timeout_s": args.probe_timeout_s, "bisect": args.bisect,
-            "probe_log": args.probes}
+            "probe_log": args.probes, "flush_to_zero": "off (PyTorch's default) in every probe"}
     (out / "latest.meta.json").write_text(json.dumps(meta, indent=2))
     (out / "latest.md").write_text(render(df, meta))
     plot(df, out / "memory_league.png")
@@ -222,7 +222,9 @@ def render(df, meta: dict) -> str:
              "address-space cap, in fresh processes (bench/memory_league.py says how). `limited_by`: memory (the next "
              f"length ran out of memory), time (the next took over {meta['probe_timeout_s']:g} s) or ceiling (the search "
              f"stops at {meta['max_points']} points). Size: {meta['size']}; peers attend to {meta['neighbors_of_peers']} "
-             "nearest neighbours. `peak_mem_mib`: the probe process's peak RSS.", "",
+             "nearest neighbours. `peak_mem_mib`: the probe process's peak RSS. Step times keep denormal floats "
+             "(flush-to-zero off), where VN-transformer 0.1.0's saturated softmax is slow on some CPUs: the lengths, "
+             "not the times, are the league.", "",
              *[f"- {k}: {v}" for k, v in meta.items() if k not in ("command",)], "",
              shown[cols].round(3).to_markdown(index=False), ""]
     return "\n".join(lines)
