@@ -251,9 +251,7 @@ def render(out_dir: Path = RESULTS) -> None:
                   "`protein_main`: the main job's model scaled to dim 128, depth 8, 8 heads x 16, dim_feat 16, eps 1e-6. "
                   "`peak_fraction`: achieved FLOP/s (vnt's own FLOP count) / the dense GEMM measured in this run and "
                   "dtype; `attn_kernel`: the attention kernel that ran; bfloat16 under autocast.", "",
-                  _table(protein.set_index(["group", "dtype", "n", "backend"])[
-                      ["fwd_bwd_ms", "achieved_gflop_per_s", "peak_fraction", "peak_mem_mib", "attn_kernel",
-                       "equiv_rel_err", "equiv_floor_rel_err"]].sort_index().round(4)), ""]
+                  _table(_protein_table(protein)), ""]
     bf16 = ok[ok["group"] == "bf16"]
     if len(bf16):
         lines += [f"## bfloat16 autocast at the README example (CPU flags: {meta.get('cpu_flags', '?')})", "",
@@ -322,6 +320,16 @@ def render(out_dir: Path = RESULTS) -> None:
         lines += ["## Rows not measured", "", _table(skipped[["case_id", "status"]].set_index("case_id")), ""]
     (out_dir / "latest.md").write_text("\n".join(lines))
     plot(ok, out_dir)
+
+
+def _protein_table(protein):
+    """The protein rows by (group, dtype, n, backend): times and rates rounded, errors in 1e notation."""
+    table = protein.set_index(["group", "dtype", "n", "backend"]).sort_index()[
+        ["fwd_bwd_ms", "achieved_gflop_per_s", "peak_fraction", "peak_mem_mib", "attn_kernel", "equiv_rel_err",
+         "equiv_floor_rel_err"]].round({"fwd_bwd_ms": 1, "achieved_gflop_per_s": 1, "peak_fraction": 3, "peak_mem_mib": 1})
+    for column in ("equiv_rel_err", "equiv_floor_rel_err"):
+        table[column] = table[column].map(lambda v: f"{v:.1e}")
+    return table
 
 
 def split_views(ok):
