@@ -175,6 +175,8 @@ def main(argv=None) -> int:
     rows = []
     probes = Path(args.probes) if args.probes else None
     done = {}
+    if probes:
+        probes.parent.mkdir(parents=True, exist_ok=True)
     if probes and probes.exists():
         for line in probes.read_text().splitlines():
             r = json.loads(line)
@@ -184,7 +186,6 @@ def main(argv=None) -> int:
         line = json.dumps({"entry": entry, "cap_gib": cap, "n": n, **result})
         print(line, flush=True)
         if probes:
-            probes.parent.mkdir(parents=True, exist_ok=True)
             with probes.open("a") as f:
                 f.write(line + "\n")
 

@@ -62,6 +62,11 @@ def test_protein_profile_runs_its_grid_and_paired_rows_with_flush_to_zero_on():
     assert listed.returncode == 0, listed.stdout[-3000:]
     assert listed.stdout.count("test_step.py::test_step[") == len(cases)
     assert listed.stdout.count("protein-n512") == 6  # 3 backends x flush-to-zero off/on, collected
+    readme = subprocess.run([*base, "--collect-only", "-k", "protein-n512 or (d64 and float32)"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=120)  # the README's selection, as written
+    assert readme.returncode == 0, readme.stdout[-3000:]
+    assert readme.stdout.count("test_step.py::test_step[") == len(PROTEIN_LENGTHS) * 3
+    assert readme.stdout.count("protein-n512") == 6
     skipped = subprocess.run([*base, "-k", "ftz-off or test_allocator or test_compat or test_train_league or test_scaling",
                               "-rs"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert " passed" not in skipped.stdout and "ftz-off" not in skipped.stdout.split("short test summary")[0], skipped.stdout[-3000:]
