@@ -19,6 +19,8 @@ def plan_kw(backend, fold=None) -> dict:
     kernels at every size (a budget of 0 written-out scores; within the default budget, l2 on a CPU
     runs written out with tied keys); fold True / False forces folded / projected attention."""
     changes = {"l2_written_out_max_scores": 0} if backend == "l2_fused" else {}
+    if backend == "sdpa":  # the SDPA kernels at every size (a CPU runs sdpa written out within a budget)
+        changes["sdpa_written_out_max_scores"] = 0
     if fold is not None:
         changes["fold"] = fold
     return changes

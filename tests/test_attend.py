@@ -9,6 +9,14 @@ from vnt.fast import Attend
 from vnt.fast.attend import _SelfGram, _SumHeads
 
 
+@pytest.fixture(autouse=True)
+def sdpa_on_its_kernels():
+    """"sdpa" on the SDPA kernels in every test here: a CPU runs it written out within a budget
+    (test_sdpa_runs_written_out_only_within_the_budget_on_a_cpu)."""
+    with fast.configure(sdpa_written_out_max_scores=0):
+        yield
+
+
 def qkv(b=2, h=3, n=10, e=16, shared=False):
     q = torch.randn(b, h, n, e, dtype=torch.float64)
     k = torch.randn(b, 1 if shared else h, n, e, dtype=torch.float64)
@@ -220,3 +228,32 @@ def test_sum_heads_is_the_sum_of_the_heads_outputs(backend):
     assert results[0][0].shape == (2, 10, 16)
     for a, b in zip(*results):
         torch.testing.assert_close(a, b)
+
+
+def test_sdpa_runs_written_out_only_within_the_budget_on_a_cpu():
+    """sdpa on a CPU: written out (the math backend's path, "einsum") while batch x heads x i x j <= the
+    budget, the SDPA kernels beyond it, the same outputs either way; a key term and shared keys take the
+    same route; only "sdpa" is routed by this budget; a negative budget is a ValueError."""
+    q, k, v, mask = qkv(shared=True)
+    bias = torch.randn(2, 3, 10, dtype=torch.float64)
+    attend = Attend(backend="sdpa")
+    with fast.configure(sdpa_written_out_max_scores=2 * 3 * 10 * 10):
+        written = attend(q, k, v, mask=mask, scale=0.3, key_bias=bias)
+        assert attend.last_kernel == "einsum"
+        assert attend.augment_slots(heads=3, key_term=True, scores=2 * 3 * 10 * 10, device=q.device) == 0
+        assert attend.augment_slots(heads=3, key_term=True, scores=2 * 3 * 10 * 10 + 1, device=q.device) == 3
+    with fast.configure(sdpa_written_out_max_scores=2 * 3 * 10 * 10 - 1):
+        fused = attend(q, k, v, mask=mask, scale=0.3, key_bias=bias)
+        assert attend.last_kernel in ("flash", "efficient", "math")
+    torch.testing.assert_close(written, fused)
+    torch.testing.assert_close(written, reference(q, k, v, mask, 0.3, key_bias=bias))
+    cpu = torch.device("cpu")
+    with fast.configure(sdpa_written_out_max_scores=2 ** 21):  # the default
+        assert Attend(backend="sdpa").dot_written_out(scores=2 ** 21, device=cpu)
+        assert not Attend(backend="sdpa").dot_written_out(scores=2 ** 21 + 1, device=cpu)
+        assert not Attend(backend="sdpa").dot_written_out(scores=1, device=torch.device("meta"))
+        assert not Attend(backend="l2").dot_written_out(scores=1, device=cpu)
+        assert Attend(backend="math").dot_written_out(scores=10 ** 9, device=cpu)
+    assert fast.plan.KernelPlan().sdpa_written_out_max_scores == 2 ** 21
+    with pytest.raises(ValueError, match="sdpa_written_out_max_scores"):
+        fast.configure(sdpa_written_out_max_scores=-1)

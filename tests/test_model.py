@@ -161,15 +161,20 @@ def test_flags_map_to_backends_and_kernel_is_reported():
     assert VNTransformer(dim=8, depth=1, l2_dist_attn=True).config.attn_backend == "l2"
     model = VNTransformer(dim=8, depth=2, dim_head=4, heads=2, flash_attn=True)
     model(torch.randn(1, 6, 3))
+    # a CPU runs sdpa written out within the plan's budget (its flash kernel is slower there), a GPU on SDPA
+    expected = ("flash", "efficient", "math", "cudnn") if torch.cuda.is_available() else ("einsum",)
+    assert all(k in expected for k in model.encoder.attention_kernels())
+    with fast.configure(sdpa_written_out_max_scores=0):
+        model(torch.randn(1, 6, 3))
     assert all(k in ("flash", "efficient", "math") for k in model.encoder.attention_kernels())
     only_math = VNTransformer(dim=8, depth=1, dim_head=4, heads=2, flash_attn=True)
-    with fast.configure(sdpa_kernels=("math",)):
+    with fast.configure(sdpa_kernels=("math",), sdpa_written_out_max_scores=0):
         only_math(torch.randn(1, 6, 3))
     assert only_math.encoder.attention_kernels() == ["math"]
     # a kernel that cannot serve the inputs (no memory-efficient kernel on CPU) falls back, and says so;
     # a remembered kernel that stops serving them is tried first, then the others
     fallback = VNTransformer(dim=8, depth=1, dim_head=4, heads=2, flash_attn=True)
-    with fast.configure(sdpa_kernels=("efficient", "math"), fold=False):
+    with fast.configure(sdpa_kernels=("efficient", "math"), fold=False, sdpa_written_out_max_scores=0):
         fallback(torch.randn(1, 6, 3))
         if not torch.cuda.is_available():
             assert fallback.encoder.attention_kernels() == ["math"]

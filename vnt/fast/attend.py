@@ -6,7 +6,8 @@ Axes: b batch, h heads, i query points, j key points, e flattened (coordinate x 
 Backends (named, chosen at construction):
   "math"     dot-product attention written out (einsum + softmax): the reference path.
   "sdpa"     dot-product attention through ``F.scaled_dot_product_attention``, with the kernel
-             (flash, memory-efficient, math) selected explicitly via ``torch.nn.attention.sdpa_kernel``.
+             (flash, memory-efficient, math) selected explicitly via ``torch.nn.attention.sdpa_kernel``;
+             on a CPU, written out within the plan's budget (below).
   "l2"       L2-distance attention, sim = -scale * |q_i - k_j|^2, on the SDPA kernels.
   "l2_math"  the same L2-distance attention written out; the reference for "l2".
 
@@ -19,6 +20,11 @@ is not copied. Keys and values may be shared by all heads (multi-query form, hea
 VNAttention folds its projections into the queries and the output map, so its keys and values are
 the input itself; the heads are then folded into the query rows, so no head-sized copy of k or v is
 made.
+
+On a CPU, "sdpa" runs written out while its scores (b h i j) number at most the plan's
+``sdpa_written_out_max_scores``: torch's CPU flash kernel is slower than the written-out GEMMs at
+VN head widths ((3 + f) x d features per head), and ``last_kernel`` then says "einsum". Beyond the
+budget the SDPA kernels run (memory O(n), not O(n^2)); on CUDA they always do.
 
 Tied L2 attention (the keys are the queries: VNAttention's L2 self attention) is its own call,
 ``Attend.tied_l2(q, v)``. On a CPU, while its scores (b h i j) number at most the plan's
@@ -183,10 +189,22 @@ class Attend(nn.Module):
             return True
         return self.backend == "l2" and device.type == "cpu" and scores <= plan.current().l2_written_out_max_scores
 
-    def augment_slots(self, *, heads: int, key_term: bool) -> int:
+    def dot_written_out(self, *, scores: int, device: torch.device) -> bool:
+        """Whether ``forward`` with ``scores`` = b h i j runs written out: always for "math" and
+        "l2_math"; for "sdpa" on a CPU within the plan's ``sdpa_written_out_max_scores``; never for
+        "l2" (its tied form, ``tied_l2``, has its own budget)."""
+        if self.backend in ("math", "l2_math"):
+            return True
+        return self.backend == "sdpa" and device.type == "cpu" and scores <= plan.current().sdpa_written_out_max_scores
+
+    def augment_slots(self, *, heads: int, key_term: bool, scores: int | None = None,
+                      device: torch.device | None = None) -> int:
         """How many zero features a caller with keys shared by ``heads`` heads should leave at the end
-        of q (``q_spare``) so that a key term rides on the SDPA kernel without copying q."""
+        of q (``q_spare``) so that a key term rides on the SDPA kernel without copying q. Given the
+        call's ``scores`` and ``device``, none where ``forward`` will run written out."""
         if not self.uses_sdpa or not (key_term or self.backend == "l2"):
+            return 0
+        if scores is not None and device is not None and self.dot_written_out(scores=scores, device=device):
             return 0
         return heads
 
@@ -212,8 +230,10 @@ class Attend(nn.Module):
                 q_spare: int = 0) -> Tensor:
         """q (b h i e); k, v (b h j e'), or (b 1 j e') shared by every head, e' = e - q_spare; mask (b j)
         bool, True = keep. Returns (b h i e_v); when the keys are the values (``v is k``, VNAttention's
-        folded form) and q has spare features, (b h i e): the last q_spare output features are then
-        meaningless (the caller drops them after its output map; slicing here would copy).
+        folded form) and q has spare features on the SDPA kernels, (b h i e): the last q_spare output
+        features are then meaningless (the caller drops them after its output map; slicing here would
+        copy). Written out (``dot_written_out``) the spare features are ignored: a caller that asks
+        ``augment_slots`` with the call's scores reserves none there.
 
         scale defaults to e' ** -0.5. key_bias (b h j) or (b 1 j): added to q.k (see the module
         docstring). For the L2 backends, ``k_sq`` (b h j) or (b 1 j) gives the squared key norms
@@ -230,7 +250,8 @@ class Attend(nn.Module):
             k_sq = k.pow(2).sum(-1) if k_sq is None else k_sq
             term = -k_sq if term is None else term - k_sq
         q_core = q[..., :width] if q_spare else q
-        if self.backend in ("math", "l2_math"):
+        b, h, i, _ = q.shape
+        if self.dot_written_out(scores=b * max(h, k.shape[1]) * i * k.shape[-2], device=q.device):
             return self._written_out(q_core, k, v, mask=mask, scale=scale, m=m, key_term=term)
         if term is None:
             return self._dot_product(q_core, k, v, mask=mask, scale=scale)

@@ -36,6 +36,10 @@ class KernelPlan:
     # tied L2 attention on a CPU runs written out up to this many scores (batch x heads x n x n; 8 MiB
     # in float32), beyond it on the SDPA kernels (memory O(n), not O(n^2)); 0: always SDPA
     l2_written_out_max_scores: int = 2 ** 21
+    # the "sdpa" backend on a CPU runs written out (the "math" backend's path) up to this many scores:
+    # torch's CPU flash kernel is slower than the written-out GEMMs at VN head widths ((3 + f) x d
+    # features per head); beyond it the SDPA kernels (memory O(n)); 0: always SDPA
+    sdpa_written_out_max_scores: int = 2 ** 21
     # q q^T on a CPU from this many rows: the blocks on and above the diagonal only
     symmetric_gram_min_rows: int = 256
     # SDPA kernels to try, in order; the first one that accepts the inputs runs
@@ -44,7 +48,8 @@ class KernelPlan:
     def __post_init__(self):
         if self.fold not in (None, True, False):
             raise ValueError(f"fold must be None (automatic), True or False, got {self.fold!r}")
-        for name in ("fused_min_numel", "l2_written_out_max_scores", "symmetric_gram_min_rows"):
+        for name in ("fused_min_numel", "l2_written_out_max_scores", "sdpa_written_out_max_scores",
+                     "symmetric_gram_min_rows"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         kernels = tuple(self.sdpa_kernels)
