@@ -27,7 +27,22 @@ from bench.cases import ATTN_MEMORY, BACKENDS, SMALL, Case
 
 CONFIGS = {"small": SMALL, "attention": ATTN_MEMORY}
 
-OUT = Path(__file__).parents[1] / "results" / "bench"
+ROOT = Path(__file__).parents[1]
+OUT = ROOT / "results" / "bench"
+
+
+def last_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    return lines[-1] if lines else ""
+
+
+def run_child(code: str, *args: str, timeout: float | None = None) -> tuple[dict | None, subprocess.CompletedProcess]:
+    """``python -c code *args`` in a fresh process from the repository root: the JSON object on its
+    last stdout line (None where it printed none) and the finished process. TimeoutExpired propagates."""
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=timeout)
+    last = last_line(proc.stdout)
+    return (json.loads(last) if last.startswith("{") else None), proc
 
 
 def _vm_size_bytes() -> int:
@@ -99,12 +114,9 @@ def main(argv=None) -> int:
             case = Case(backend=backend, n=n, group="long", **CONFIGS[args.config])
             code = ("import sys; from bench.long_sequences import _one_step; "
                     "_one_step(sys.argv[1], int(sys.argv[2]))")
-            proc = subprocess.run([sys.executable, "-c", code, json.dumps(case.to_dict()),
-                                   str(int(args.limit_gib * 2 ** 30))], capture_output=True, text=True,
-                                  cwd=Path(__file__).parents[1])
-            last = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
-            result = json.loads(last) if last.startswith("{") else {
-                "status": f"failed (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-1][:200] if proc.stderr.strip() else ''}"}
+            result, proc = run_child(code, json.dumps(case.to_dict()), str(int(args.limit_gib * 2 ** 30)))
+            if result is None:
+                result = {"status": f"failed (exit {proc.returncode}): {last_line(proc.stderr)[:200]}"}
             rows.append({**case.to_dict(), "limit_gib": args.limit_gib, **result})
             print(rows[-1]["case_id"], result, flush=True)
     out = Path(args.out)

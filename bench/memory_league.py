@@ -32,6 +32,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bench.long_sequences import last_line, run_child
+
 ROOT = Path(__file__).parents[1]
 OUT = ROOT / "results" / "memory"
 SIZE = dict(dim=32, depth=2, heads=4, dim_head=16, dim_feat=16)
@@ -98,14 +100,12 @@ def probe_child(entry_json: str, n: int, cap_bytes: int) -> None:
 def probe(entry, n: int, cap_gib: float, timeout_s: float) -> dict:
     code = "import sys; from bench.memory_league import probe_child; probe_child(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))"
     try:
-        proc = subprocess.run([sys.executable, "-c", code, json.dumps(entry), str(n), str(int(cap_gib * 2 ** 30))],
-                              capture_output=True, text=True, cwd=ROOT, timeout=timeout_s)
+        result, proc = run_child(code, json.dumps(entry), str(n), str(int(cap_gib * 2 ** 30)), timeout=timeout_s)
     except subprocess.TimeoutExpired:
         return {"status": "time"}
-    last = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
-    if last.startswith("{"):
-        return json.loads(last)
-    err = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ""
+    if result is not None:
+        return result
+    err = last_line(proc.stderr)
     if proc.returncode < 0 or "memory" in err.lower() or "alloc" in err.lower():  # killed, or failed to allocate outside torch
         return {"status": "oom", "detail": err[:200]}
     raise RuntimeError(f"probe {entry} n={n} failed (exit {proc.returncode}): {proc.stderr[-2000:]}")

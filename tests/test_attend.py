@@ -232,9 +232,10 @@ def test_sum_heads_is_the_sum_of_the_heads_outputs(backend):
 
 def test_sdpa_runs_written_out_only_within_the_budget_on_a_cpu():
     """sdpa on a CPU: written out (the math backend's path, "einsum") while batch x heads x i x j <= the
-    budget, the SDPA kernels beyond it, the same outputs either way; a key term and shared keys take the
-    same route; only "sdpa" is routed by this budget; a negative budget is a ValueError."""
-    q, k, v, mask = qkv(shared=True)
+    budget or the keys number at most q's width, the SDPA kernels beyond both, the same outputs either
+    way; a key term and shared keys take the same route; only "sdpa" is routed by this budget; a budget
+    of 0 is always SDPA, a negative one a ValueError."""
+    q, k, v, mask = qkv(shared=True, e=8)  # 10 keys > 8 features
     bias = torch.randn(2, 3, 10, dtype=torch.float64)
     attend = Attend(backend="sdpa")
     with fast.configure(sdpa_written_out_max_scores=2 * 3 * 10 * 10):
@@ -247,8 +248,15 @@ def test_sdpa_runs_written_out_only_within_the_budget_on_a_cpu():
         assert attend.last_kernel in ("flash", "efficient", "math")
     torch.testing.assert_close(written, fused)
     torch.testing.assert_close(written, reference(q, k, v, mask, 0.3, key_bias=bias))
+    wide = qkv(shared=True, e=16)  # 10 keys <= 16 features: written out beyond the budget
+    with fast.configure(sdpa_written_out_max_scores=1):
+        attend(*wide[:3], mask=wide[3], scale=0.3)
+        assert attend.last_kernel == "einsum"
     cpu = torch.device("cpu")
+    assert not Attend(backend="sdpa").dot_written_out(scores=1, device=cpu, keys=1, width=8)  # budget 0 here
     with fast.configure(sdpa_written_out_max_scores=2 ** 21):  # the default
+        assert Attend(backend="sdpa").dot_written_out(scores=2 ** 30, device=cpu, keys=4096, width=4288)
+        assert not Attend(backend="sdpa").dot_written_out(scores=2 ** 30, device=cpu, keys=4096, width=304)
         assert Attend(backend="sdpa").dot_written_out(scores=2 ** 21, device=cpu)
         assert not Attend(backend="sdpa").dot_written_out(scores=2 ** 21 + 1, device=cpu)
         assert not Attend(backend="sdpa").dot_written_out(scores=1, device=torch.device("meta"))

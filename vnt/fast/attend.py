@@ -22,9 +22,10 @@ the input itself; the heads are then folded into the query rows, so no head-size
 made.
 
 On a CPU, "sdpa" runs written out while its scores (b h i j) number at most the plan's
-``sdpa_written_out_max_scores``: torch's CPU flash kernel is slower than the written-out GEMMs at
-VN head widths ((3 + f) x d features per head), and ``last_kernel`` then says "einsum". Beyond the
-budget the SDPA kernels run (memory O(n), not O(n^2)); on CUDA they always do.
+``sdpa_written_out_max_scores``, or while the keys number at most q's feature width (the score
+matrix is then no larger than q): torch's CPU flash kernel is slower than the written-out GEMMs at
+VN head widths ((3 + f) x d features per head), and ``last_kernel`` then says "einsum". Beyond
+both the SDPA kernels run (memory O(n), not O(n^2)); on CUDA they always do.
 
 Tied L2 attention (the keys are the queries: VNAttention's L2 self attention) is its own call,
 ``Attend.tied_l2(q, v)``. On a CPU, while its scores (b h i j) number at most the plan's
@@ -189,22 +190,26 @@ class Attend(nn.Module):
             return True
         return self.backend == "l2" and device.type == "cpu" and scores <= plan.current().l2_written_out_max_scores
 
-    def dot_written_out(self, *, scores: int, device: torch.device) -> bool:
-        """Whether ``forward`` with ``scores`` = b h i j runs written out: always for "math" and
-        "l2_math"; for "sdpa" on a CPU within the plan's ``sdpa_written_out_max_scores``; never for
+    def dot_written_out(self, *, scores: int, device: torch.device, keys: int = 0, width: int = 0) -> bool:
+        """Whether ``forward`` with ``scores`` = b h i j, ``keys`` = j and q's feature ``width`` runs
+        written out: always for "math" and "l2_math"; for "sdpa" on a CPU within the plan's
+        ``sdpa_written_out_max_scores`` or while keys <= width (unless the budget is 0); never for
         "l2" (its tied form, ``tied_l2``, has its own budget)."""
         if self.backend in ("math", "l2_math"):
             return True
-        return self.backend == "sdpa" and device.type == "cpu" and scores <= plan.current().sdpa_written_out_max_scores
+        budget = plan.current().sdpa_written_out_max_scores
+        return (self.backend == "sdpa" and device.type == "cpu" and budget > 0
+                and (scores <= budget or 0 < keys <= width))
 
     def augment_slots(self, *, heads: int, key_term: bool, scores: int | None = None,
-                      device: torch.device | None = None) -> int:
+                      device: torch.device | None = None, keys: int = 0, width: int = 0) -> int:
         """How many zero features a caller with keys shared by ``heads`` heads should leave at the end
         of q (``q_spare``) so that a key term rides on the SDPA kernel without copying q. Given the
-        call's ``scores`` and ``device``, none where ``forward`` will run written out."""
+        call's ``scores``, ``device``, ``keys`` and ``width``, none where ``forward`` will run written out."""
         if not self.uses_sdpa or not (key_term or self.backend == "l2"):
             return 0
-        if scores is not None and device is not None and self.dot_written_out(scores=scores, device=device):
+        if scores is not None and device is not None and self.dot_written_out(
+                scores=scores, device=device, keys=keys, width=width):
             return 0
         return heads
 
@@ -251,7 +256,8 @@ class Attend(nn.Module):
             term = -k_sq if term is None else term - k_sq
         q_core = q[..., :width] if q_spare else q
         b, h, i, _ = q.shape
-        if self.dot_written_out(scores=b * max(h, k.shape[1]) * i * k.shape[-2], device=q.device):
+        if self.dot_written_out(scores=b * max(h, k.shape[1]) * i * k.shape[-2], device=q.device,
+                                keys=k.shape[-2], width=width):
             return self._written_out(q_core, k, v, mask=mask, scale=scale, m=m, key_term=term)
         if term is None:
             return self._dot_product(q_core, k, v, mask=mask, scale=scale)

@@ -84,7 +84,8 @@ def folded_attention(x: Tensor, *, attend: Attend, heads: int, dim_head: int, ti
                                   rearrange(qk_map, "h d e -> h (d e)")), "b n h -> b h n")
     # r extra coordinate rows (zero in x, hence zero in q) leave Attend room for its augmentation
     # slots, so q is not copied; (c + r) d a multiple of 8 for the fused kernels
-    slots = attend.augment_slots(heads=h, key_term=key_bias is not None, scores=b * h * n * n, device=x.device)
+    slots = attend.augment_slots(heads=h, key_term=key_bias is not None, scores=b * h * n * n, device=x.device,
+                                 keys=n, width=c * d)
     r = next(r for r in range(1, slots + 9) if r * d >= slots and (c + r) * d % 8 == 0) if slots else 0
     q_map = rearrange(qk_map, "h d e -> d (h e)")
     # every head's map in one GEMM (one x, all heads' columns), then heads outer for the kernel: a

@@ -36,9 +36,11 @@ class KernelPlan:
     # tied L2 attention on a CPU runs written out up to this many scores (batch x heads x n x n; 8 MiB
     # in float32), beyond it on the SDPA kernels (memory O(n), not O(n^2)); 0: always SDPA
     l2_written_out_max_scores: int = 2 ** 21
-    # the "sdpa" backend on a CPU runs written out (the "math" backend's path) up to this many scores:
+    # the "sdpa" backend on a CPU runs written out (the "math" backend's path) up to this many scores
+    # (batch x heads x i x j), and at any size while the keys number at most q's feature width (then
+    # the score matrix is no larger than q, and CPU flash saves more than that for its backward):
     # torch's CPU flash kernel is slower than the written-out GEMMs at VN head widths ((3 + f) x d
-    # features per head); beyond it the SDPA kernels (memory O(n)); 0: always SDPA
+    # features per head). Beyond both, the SDPA kernels (memory O(n)); 0: always SDPA
     sdpa_written_out_max_scores: int = 2 ** 21
     # q q^T on a CPU from this many rows: the blocks on and above the diagonal only
     symmetric_gram_min_rows: int = 256

@@ -1,0 +1,314 @@
+"""Project a training job to N GPUs x M nodes per ZeRO stage, from one step measured here.
+
+    python -m bench.plan --model-dim 256 --model-depth 8 --residues 1024 --preset h100-ib --nodes 64
+
+What is measured on this machine (one process, the main job's network, ``vnt.denoiser.BackboneDenoiser``
+with the ``--model-*`` options of training, on ``--residues`` residues x ``--micro-batch``):
+  - FLOPs of one forward+backward (``torch.utils.flop_counter.FlopCounterMode``; with activation
+    checkpointing the recomputed forward is counted too);
+  - the step's activation memory: the peak growth of live tensor bytes during a step whose gradient
+    buffers already exist (``bench.measure.cpu_tensor_peak_bytes``), in the planned dtype (bfloat16
+    under autocast);
+  - the step time and a dense GEMM in the same dtype: their ratio (FLOPs / time / GEMM) is the
+    achieved fraction of peak (MFU) that projects compute to another device unless ``--mfu`` is given.
+
+What is projected (formulas, assumptions stated in the output's ``assumptions``):
+  - model states per rank, Psi parameters (the ZeRO paper, mixed-precision Adam): ZeRO 0 16 Psi bytes,
+    ZeRO-1 4 Psi + 12 Psi / N, ZeRO-2 2 Psi + 14 Psi / N, ZeRO-3 16 Psi / N; float32 Adam:
+    16 Psi, 8 Psi + 8 Psi / N, 4 Psi + 12 Psi / N, 16 Psi / N. Plus activations and ``--buffer-gib``.
+  - communication per rank and step: ZeRO 0-2 all-reduce the gradients (2 Psi elements moved),
+    ZeRO-3 gathers the parameters twice and reduce-scatters the gradients (3 Psi); ring collectives
+    under the alpha-beta model, t = (n - 1) / n x bytes / B + (n - 1) alpha per pass, with B the
+    intra-node bandwidth on one node and the inter-node bandwidth per GPU beyond one (nccl-tests' bus
+    bandwidth).
+  - step time = compute + max(0, communication - overlap x backward), backward = 2/3 of compute.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).parents[1]
+OUT = ROOT / "results" / "plan"
+GIB = 2 ** 30
+
+
+@dataclasses.dataclass(frozen=True)
+class Cluster:
+    gpus_per_node: int
+    nodes: int
+    intra_gbps: float          # GB/s per GPU within a node (bus bandwidth)
+    inter_gbps: float          # GB/s per GPU across nodes (bus bandwidth)
+    intra_latency_us: float
+    inter_latency_us: float
+    device_tflops: float       # dense peak of one device in the planned dtype
+    device_mem_gib: float
+    source: str = "given on the command line"
+
+    @property
+    def gpus(self) -> int:
+        return self.gpus_per_node * self.nodes
+
+
+# named clusters: assumptions, each with where its numbers come from
+PRESETS = {
+    "h100-ib": dict(gpus_per_node=8, intra_gbps=450.0, inter_gbps=50.0, intra_latency_us=5.0, inter_latency_us=10.0,
+                    device_tflops=989.0, device_mem_gib=80.0,
+                    source="assumed: 8x H100 SXM per node, NVLink 4 (900 GB/s bidirectional, 450 GB/s per "
+                           "direction, NVIDIA H100 datasheet), one 400 Gb/s InfiniBand NIC per GPU (50 GB/s, "
+                           "ConnectX-7), dense bf16 989 TFLOP/s (datasheet, without sparsity), 80 GB; latencies "
+                           "are typical NCCL orders of magnitude, not measured"),
+    "a100-ib": dict(gpus_per_node=8, intra_gbps=300.0, inter_gbps=25.0, intra_latency_us=5.0, inter_latency_us=10.0,
+                    device_tflops=312.0, device_mem_gib=80.0,
+                    source="assumed: 8x A100 SXM 80 GB per node, NVLink 3 (600 GB/s bidirectional, NVIDIA A100 "
+                           "datasheet), one 200 Gb/s HDR InfiniBand NIC per GPU (25 GB/s), dense bf16 312 TFLOP/s"),
+    "cpu-gloo": dict(gpus_per_node=2, intra_gbps=5.0, inter_gbps=1.0, intra_latency_us=50.0, inter_latency_us=200.0,
+                     device_tflops=0.0, device_mem_gib=24.0,
+                     source="assumed: CPU processes on gloo, this machine's order of magnitude (shared memory "
+                            "within a node, 10 Gb/s Ethernet across); device_tflops 0: this machine's measured rate"),
+}
+
+
+def ring_time_s(nbytes: float, *, ranks: int, passes: int, gbps: float, latency_us: float) -> float:
+    """``passes`` ring collectives (reduce-scatter or all-gather) of ``nbytes`` each over ``ranks``."""
+    if ranks <= 1:
+        return 0.0
+    return passes * ((ranks - 1) / ranks * nbytes / (gbps * 1e9) + (ranks - 1) * latency_us * 1e-6)
+
+
+def model_state_bytes(params: int, *, stage: int, ranks: int, mixed: bool) -> float:
+    """Parameters, gradients and Adam states per rank (the ZeRO paper's accounting)."""
+    p, n = params, ranks
+    if mixed:  # bf16 params + bf16 grads + fp32 master, m, v (K = 12)
+        return {0: 16 * p, 1: 4 * p + 12 * p / n, 2: 2 * p + 14 * p / n, 3: 16 * p / n}[stage]
+    return {0: 16 * p, 1: 8 * p + 8 * p / n, 2: 4 * p + 12 * p / n, 3: 16 * p / n}[stage]
+
+
+def comm_bytes(params: int, *, stage: int, elem_bytes: int) -> float:
+    """Bytes each rank sends per step (the ZeRO paper: 2 Psi for data parallel and ZeRO-1/2, 3 Psi for ZeRO-3)."""
+    return (3 if stage == 3 else 2) * params * elem_bytes
+
+
+def project(measured: dict, cluster: Cluster, *, stages=(0, 1, 2, 3), overlap: float, buffer_gib: float,
+            mfu: float | None, gpus: int | None = None) -> list[dict]:
+    """One row per (ZeRO stage, activation checkpointing) at ``gpus`` ranks (default: the whole cluster)."""
+    n = cluster.gpus if gpus is None else gpus
+    nodes = max(1, math.ceil(n / cluster.gpus_per_node))
+    gbps, lat = (cluster.intra_gbps, cluster.intra_latency_us) if nodes == 1 else (cluster.inter_gbps,
+                                                                                    cluster.inter_latency_us)
+    mixed = measured["dtype"] == "bfloat16"
+    elem = 2 if mixed else 4
+    rows = []
+    for ckpt, m in measured["steps"].items():
+        if cluster.device_tflops > 0:
+            rate = cluster.device_tflops * 1e12 * (measured["mfu"] if mfu is None else mfu)
+            compute = m["flops"] / rate
+        else:  # this machine's own rate
+            compute = m["step_s"]
+        for stage in stages:
+            states = model_state_bytes(measured["params"], stage=stage, ranks=n, mixed=mixed)
+            nbytes = measured["params"] * elem
+            passes = 3 if stage == 3 else 2
+            comm = ring_time_s(nbytes, ranks=n, passes=passes, gbps=gbps, latency_us=lat)
+            exposed = max(0.0, comm - overlap * compute * 2 / 3)
+            step = compute + exposed
+            single = compute  # one device, no communication
+            memory = states + m["activation_bytes"] + buffer_gib * GIB
+            rows.append({
+                "zero_stage": stage, "activation_checkpointing": ckpt == "checkpointing", "gpus": n, "nodes": nodes,
+                "params": measured["params"], "model_states_gib": states / GIB,
+                "activations_gib": m["activation_bytes"] / GIB, "buffers_gib": buffer_gib,
+                "memory_per_rank_gib": memory / GIB, "fits": memory <= cluster.device_mem_gib * GIB,
+                "compute_s": compute, "comm_bytes_per_rank": comm_bytes(measured["params"], stage=stage, elem_bytes=elem),
+                "comm_s": comm, "step_s": step, "tokens_per_s": measured["tokens_per_step"] * n / step,
+                "weak_scaling_efficiency": single / step, "hours_per_1k_steps": step * 1000 / 3600,
+            })
+    return rows
+
+
+def recommend(rows: list[dict]) -> dict | None:
+    """The fastest setting that fits (ties: the lower stage, then without checkpointing)."""
+    fits = [r for r in rows if r["fits"]]
+    return min(fits, key=lambda r: (r["step_s"], r["zero_stage"], r["activation_checkpointing"])) if fits else None
+
+
+# ----------------------------------------------------------------------------------------------
+# measuring one step here
+
+def measure(model_cfg, *, residues: int, micro_batch: int, dtype: str, rounds: int, seed: int = 0) -> dict:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from bench.measure import cpu_tensor_peak_bytes, gemm_peak_flops, time_fn
+    from vnt.denoiser import NUM_ATOMS, NUM_RESIDUE_TOKENS, BackboneDenoiser
+
+    torch.manual_seed(seed)
+    n = residues * NUM_ATOMS
+    coors = torch.randn(micro_batch, n, 3) * 10
+    tokens = torch.randint(0, model_cfg.num_tokens or NUM_RESIDUE_TOKENS * NUM_ATOMS, (micro_batch, n))
+    mask = torch.ones(micro_batch, n, dtype=torch.bool)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+    steps = {}
+    params = None
+    for label in ("none", "checkpointing"):
+        model = BackboneDenoiser(model_cfg)
+        params = sum(p.numel() for p in model.parameters())
+        if label == "checkpointing":
+            model.checkpoint_layers()
+
+        def step():
+            with autocast:
+                out = model(coors, tokens=tokens, mask=mask)
+            out.float().square().mean().backward()
+
+        step()  # warm-up; the gradient buffers exist from here on
+        with FlopCounterMode(display=False) as counter:
+            step()
+        peak = cpu_tensor_peak_bytes(step)
+        times = time_fn(step, rounds=rounds, warmup=0, device="cpu")
+        steps[label] = {"flops": int(counter.get_total_flops()), "activation_bytes": int(peak),
+                        "step_s": sorted(times)[len(times) // 2]}
+    gemm = gemm_peak_flops(dtype, "cpu")
+    base = steps["none"]
+    return {"params": params, "dtype": dtype, "residues": residues, "micro_batch": micro_batch,
+            "tokens_per_step": residues * micro_batch, "steps": steps, "gemm_flops": gemm,
+            "mfu": base["flops"] / base["step_s"] / gemm, "threads": torch.get_num_threads()}
+
+
+# ----------------------------------------------------------------------------------------------
+
+def build_parser():
+    from vnt import cli
+    from vnt.denoiser import default_model_config
+    from vnt.model import VNTransformerConfig
+
+    p = cli.Parser(prog="python -m bench.plan", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    dests = cli.add_options(p, VNTransformerConfig, default_model_config(), prefix="model-", title="model")
+    job = p.add_argument_group("job")
+    job.add_argument("--residues", type=int, default=256, help="residues per chain (the sequence length)")
+    job.add_argument("--micro-batch", type=int, default=1, help="chains per rank and step")
+    job.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                     help="training precision: bfloat16 (mixed-precision Adam) or float32")
+    job.add_argument("--rounds", type=int, default=3, help="timed steps measured here")
+    c = p.add_argument_group("cluster")
+    c.add_argument("--preset", choices=sorted(PRESETS), default="h100-ib", help="named cluster assumptions")
+    for name, kind, text in (("gpus-per-node", int, "devices per node"), ("nodes", int, "nodes"),
+                             ("intra-gbps", float, "GB/s per device within a node"),
+                             ("inter-gbps", float, "GB/s per device across nodes"),
+                             ("intra-latency-us", float, "collective latency per hop within a node"),
+                             ("inter-latency-us", float, "collective latency per hop across nodes"),
+                             ("device-tflops", float, "dense peak TFLOP/s of one device in the dtype (0: this machine's rate)"),
+                             ("device-mem-gib", float, "memory of one device")):
+        c.add_argument(f"--{name}", type=kind, default=None, help=f"{text} (default: the preset's)")
+    c.add_argument("--mfu", type=float, default=None,
+                   help="achieved fraction of the device peak (default: the fraction measured here against a GEMM)")
+    c.add_argument("--overlap", type=float, default=0.5,
+                   help="fraction of the backward pass that hides communication (assumption)")
+    c.add_argument("--buffer-gib", type=float, default=2.0,
+                   help="per-rank allowance for communication buckets, the CUDA context and fragmentation")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--out", default=str(OUT), help="folder for the scaling plot ('' = none)")
+    return p, dests
+
+
+def cluster_from_args(args) -> Cluster:
+    base = {"nodes": 1, **PRESETS[args.preset]}
+    given = {k: getattr(args, k) for k in ("gpus_per_node", "nodes", "intra_gbps", "inter_gbps", "intra_latency_us",
+                                          "inter_latency_us", "device_tflops", "device_mem_gib")
+             if getattr(args, k) is not None}
+    cluster = Cluster(**{**base, **given})
+    if given.keys() - {"nodes", "gpus_per_node"}:
+        cluster = dataclasses.replace(cluster, source=f"preset {args.preset} with {sorted(given)} given: {cluster.source}")
+    for name in ("gpus_per_node", "nodes"):
+        if getattr(cluster, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cluster, name)}")
+    return cluster
+
+
+def plot(measured: dict, cluster: Cluster, path: Path, **kw) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    counts = sorted({1, *(2 ** k for k in range(int(math.log2(cluster.gpus)) + 1)), cluster.gpus})
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    for stage in (0, 1, 2, 3):
+        rows = [next(r for r in project(measured, cluster, stages=(stage,), gpus=g, **kw)
+                     if not r["activation_checkpointing"]) for g in counts]
+        a.plot(counts, [r["tokens_per_s"] for r in rows], marker="o", label=f"ZeRO-{stage}")
+        b.plot(counts, [r["weak_scaling_efficiency"] for r in rows], marker="o", label=f"ZeRO-{stage}")
+    for ax, label in ((a, "tokens (residues) / s"), (b, "weak-scaling efficiency")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel(f"GPUs ({cluster.gpus_per_node} per node)")
+        ax.set_ylabel(label)
+        ax.legend()
+    a.set_yscale("log")
+    fig.suptitle("projection from stated assumptions (bench.plan), not a measurement", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+COLUMNS = ["zero_stage", "activation_checkpointing", "memory_per_rank_gib", "fits", "compute_s", "comm_s", "step_s",
+           "tokens_per_s", "weak_scaling_efficiency", "hours_per_1k_steps"]
+
+
+def main(argv=None) -> int:
+    from vnt import cli
+    from vnt.denoiser import default_model_config
+
+    p, dests = build_parser()
+    args = p.parse_args(argv)
+    try:
+        model_cfg = dataclasses.replace(default_model_config(), **cli.given(args, dests))
+        cluster = cluster_from_args(args)
+        for name in ("residues", "micro_batch", "rounds"):
+            if getattr(args, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+        if not 0 <= args.overlap <= 1:
+            raise ValueError(f"--overlap must be in [0, 1], got {args.overlap}")
+    except (ValueError, TypeError) as err:
+        cli.fail(p, err)
+    started = time.perf_counter()
+    measured = measure(model_cfg, residues=args.residues, micro_batch=args.micro_batch, dtype=args.dtype,
+                       rounds=args.rounds)
+    kw = dict(overlap=args.overlap, buffer_gib=args.buffer_gib, mfu=args.mfu)
+    rows = project(measured, cluster, **kw)
+    best = recommend(rows)
+    assumptions = {
+        "cluster": dataclasses.asdict(cluster), "overlap": args.overlap, "buffer_gib": args.buffer_gib,
+        "mfu": args.mfu if args.mfu is not None else measured["mfu"],
+        "mfu_source": "given" if args.mfu is not None else "measured here: FLOPs / step time / dense GEMM, same dtype",
+        "gradient_accumulation": 1, "activations": "measured here on a CPU; a GPU's kernels may save different tensors",
+    }
+    plot_path = None
+    if args.out:
+        plot_path = Path(args.out) / "scaling.png"
+        plot(measured, cluster, plot_path, **kw)
+    result = {"model": dataclasses.asdict(model_cfg), "measured": measured, "assumptions": assumptions,
+              "rows": rows, "recommendation": best, "plot": str(plot_path) if plot_path else None,
+              "wall_s": round(time.perf_counter() - started, 1)}
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    import pandas as pd
+    print(f"projection for {cluster.gpus} GPUs ({cluster.nodes} x {cluster.gpus_per_node}), {args.residues} residues x "
+          f"{args.micro_batch} per rank, {args.dtype}, {measured['params']:,} parameters; MFU {assumptions['mfu']:.2f} "
+          f"({assumptions['mfu_source']})\nassumptions: {cluster.source}; overlap {args.overlap}, buffers "
+          f"{args.buffer_gib} GiB per rank")
+    print(pd.DataFrame(rows)[COLUMNS].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    if best is None:
+        print(f"recommendation: nothing fits {cluster.device_mem_gib} GiB per device: fewer residues per rank")
+    else:
+        print(f"recommendation: ZeRO-{best['zero_stage']}{' with activation checkpointing' if best['activation_checkpointing'] else ''}"
+              f" ({best['step_s']:.3g} s per step, {best['memory_per_rank_gib']:.3g} GiB per rank)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
