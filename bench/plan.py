@@ -13,15 +13,21 @@ with the ``--model-*`` options of training, on ``--residues`` residues x ``--mic
     achieved fraction of peak (MFU) that projects compute to another device unless ``--mfu`` is given.
 
 What is projected (formulas, assumptions stated in the output's ``assumptions``):
-  - model states per rank, Psi parameters (the ZeRO paper, mixed-precision Adam): ZeRO 0 16 Psi bytes,
-    ZeRO-1 4 Psi + 12 Psi / N, ZeRO-2 2 Psi + 14 Psi / N, ZeRO-3 16 Psi / N; float32 Adam:
-    16 Psi, 8 Psi + 8 Psi / N, 4 Psi + 12 Psi / N, 16 Psi / N. Plus activations and ``--buffer-gib``.
-  - communication per rank and step: ZeRO 0-2 all-reduce the gradients (2 Psi elements moved),
-    ZeRO-3 gathers the parameters twice and reduce-scatters the gradients (3 Psi); ring collectives
-    under the alpha-beta model, t = (n - 1) / n x bytes / B + (n - 1) alpha per pass, with B the
-    intra-node bandwidth on one node and the inter-node bandwidth per GPU beyond one (nccl-tests' bus
-    bandwidth).
+  - model states per rank, Psi parameters: mixed precision (the ZeRO paper): ZeRO 0 16 Psi bytes,
+    ZeRO-1 4 Psi + 12 Psi / N, ZeRO-2 2 Psi + 14 Psi / N, ZeRO-3 16 Psi / N; float32 (DeepSpeed keeps
+    a float32 copy of each rank's partition): 16 Psi, 8 Psi + 12 Psi / N, 4 Psi + 16 Psi / N, 20 Psi / N;
+    ZeRO-3 keeps tensors under 1e5 elements whole on every rank. Plus activations, DeepSpeed's reduce
+    bucket (ZeRO 1-3: ``--reduce-bucket-size`` elements in the gradient dtype), ZeRO-3's gathered
+    parameters (up to 1e9 elements) and ``--buffer-gib``.
+  - communication per rank and step, in ring passes of Psi elements: ZeRO-0 all-reduces the gradients
+    (2), ZeRO-1/2 all-reduce the gradient buckets and all-gather the parameters (3, DeepSpeed's default
+    ``use_multi_rank_bucket_allreduce``; the ZeRO paper's reduce-scatter would be 2), ZeRO-3 gathers
+    the parameters twice and reduce-scatters the gradients (3). Ring collectives under the alpha-beta
+    model, t = (n - 1) / n x bytes / B + (n - 1) alpha per pass, with B the intra-node bandwidth on one
+    node and the inter-node bandwidth per GPU beyond one (nccl-tests' bus bandwidth).
   - step time = compute + max(0, communication - overlap x backward), backward = 2/3 of compute.
+
+``--validate`` measures these on this machine at 2 processes (``bench.plan_validate``).
 """
 from __future__ import annotations
 
@@ -36,6 +42,9 @@ from pathlib import Path
 ROOT = Path(__file__).parents[1]
 OUT = ROOT / "results" / "plan"
 GIB = 2 ** 30
+DS_REDUCE_BUCKET = 5e8          # DeepSpeed's default zero_optimization.reduce_bucket_size (elements)
+DS_MAX_LIVE = 10 ** 9           # DeepSpeed's default stage3_max_live_parameters (elements)
+DS_PERSISTENCE = 10 ** 5        # DeepSpeed's default stage3_param_persistence_threshold (elements)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,21 +90,48 @@ def ring_time_s(nbytes: float, *, ranks: int, passes: int, gbps: float, latency_
     return passes * ((ranks - 1) / ranks * nbytes / (gbps * 1e9) + (ranks - 1) * latency_us * 1e-6)
 
 
-def model_state_bytes(params: int, *, stage: int, ranks: int, mixed: bool) -> float:
-    """Parameters, gradients and Adam states per rank (the ZeRO paper's accounting)."""
+def model_state_bytes(params: int, *, stage: int, ranks: int, mixed: bool, persistent: int = 0) -> float:
+    """Parameters, gradients and Adam states per rank. Mixed precision: the ZeRO paper's accounting
+    (K = 12: a float32 master copy, m and v). Float32: DeepSpeed's, which keeps a float32 copy of each
+    rank's partition for ZeRO 1-3 even when the model is float32 (measured by ``--validate``).
+    ``persistent``: parameters ZeRO-3 keeps whole on every rank (tensors under DeepSpeed's
+    ``stage3_param_persistence_threshold``)."""
     p, n = params, ranks
-    if mixed:  # bf16 params + bf16 grads + fp32 master, m, v (K = 12)
-        return {0: 16 * p, 1: 4 * p + 12 * p / n, 2: 2 * p + 14 * p / n, 3: 16 * p / n}[stage]
-    return {0: 16 * p, 1: 8 * p + 8 * p / n, 2: 4 * p + 12 * p / n, 3: 16 * p / n}[stage]
+    if mixed:  # bf16 params + bf16 grads + fp32 master, m, v
+        states = {0: 16 * p, 1: 4 * p + 12 * p / n, 2: 2 * p + 14 * p / n, 3: 16 * p / n}[stage]
+    else:      # fp32 params + fp32 grads + m, v (+ the fp32 partition copy under ZeRO 1-3)
+        states = {0: 16 * p, 1: 8 * p + 12 * p / n, 2: 4 * p + 16 * p / n, 3: 20 * p / n}[stage]
+    if stage == 3:
+        states += (2 if mixed else 4) * persistent * (1 - 1 / n)
+    return states
+
+
+def comm_passes(stage: int) -> int:
+    """Ring passes of the whole parameter vector per step. ZeRO-0: one all-reduce of the gradients
+    (2). ZeRO-1/2 under DeepSpeed's default (``use_multi_rank_bucket_allreduce``) all-reduce the
+    gradient buckets (2) and all-gather the updated parameters (1): 3, where the ZeRO paper's
+    reduce-scatter counts 2. ZeRO-3: two parameter all-gathers and a gradient reduce-scatter (3)."""
+    return 2 if stage == 0 else 3
 
 
 def comm_bytes(params: int, *, stage: int, elem_bytes: int) -> float:
-    """Bytes each rank sends per step (the ZeRO paper: 2 Psi for data parallel and ZeRO-1/2, 3 Psi for ZeRO-3)."""
-    return (3 if stage == 3 else 2) * params * elem_bytes
+    """Bytes of ring passes per step: ``comm_passes`` x Psi elements."""
+    return comm_passes(stage) * params * elem_bytes
+
+
+def bucket_bytes(*, stage: int, elem_bytes: int, bucket_elements: float, params: int = 0) -> float:
+    """DeepSpeed's buffers: the gradient reduce bucket (``zero_optimization.reduce_bucket_size``
+    elements in the gradient dtype), allocated whole by ZeRO 1-3 (measured by ``--validate``; ZeRO-0
+    reduces in place), and under ZeRO-3 the gathered parameters of the working set, up to
+    ``stage3_max_live_parameters`` (1e9 elements by default) of the ``params``."""
+    if stage == 0:
+        return 0.0
+    gathered = min(params, DS_MAX_LIVE) * elem_bytes if stage == 3 else 0.0
+    return bucket_elements * elem_bytes + gathered
 
 
 def project(measured: dict, cluster: Cluster, *, stages=(0, 1, 2, 3), overlap: float, buffer_gib: float,
-            mfu: float | None, gpus: int | None = None) -> list[dict]:
+            mfu: float | None, gpus: int | None = None, bucket_elements: float = DS_REDUCE_BUCKET) -> list[dict]:
     """One row per (ZeRO stage, activation checkpointing) at ``gpus`` ranks (default: the whole cluster)."""
     n = cluster.gpus if gpus is None else gpus
     nodes = max(1, math.ceil(n / cluster.gpus_per_node))
@@ -111,18 +147,18 @@ def project(measured: dict, cluster: Cluster, *, stages=(0, 1, 2, 3), overlap: f
         else:  # this machine's own rate
             compute = m["step_s"]
         for stage in stages:
-            states = model_state_bytes(measured["params"], stage=stage, ranks=n, mixed=mixed)
-            nbytes = measured["params"] * elem
-            passes = 3 if stage == 3 else 2
-            comm = ring_time_s(nbytes, ranks=n, passes=passes, gbps=gbps, latency_us=lat)
+            states = model_state_bytes(measured["params"], stage=stage, ranks=n, mixed=mixed,
+                                       persistent=measured.get("persistent_params", 0))
+            buckets = bucket_bytes(stage=stage, elem_bytes=elem, bucket_elements=bucket_elements, params=measured["params"])
+            comm = ring_time_s(measured["params"] * elem, ranks=n, passes=comm_passes(stage), gbps=gbps, latency_us=lat)
             exposed = max(0.0, comm - overlap * compute * 2 / 3)
             step = compute + exposed
             single = compute  # one device, no communication
-            memory = states + m["activation_bytes"] + buffer_gib * GIB
+            memory = states + m["activation_bytes"] + buckets + buffer_gib * GIB
             rows.append({
                 "zero_stage": stage, "activation_checkpointing": ckpt == "checkpointing", "gpus": n, "nodes": nodes,
                 "params": measured["params"], "model_states_gib": states / GIB,
-                "activations_gib": m["activation_bytes"] / GIB, "buffers_gib": buffer_gib,
+                "activations_gib": m["activation_bytes"] / GIB, "ds_buckets_gib": buckets / GIB, "buffers_gib": buffer_gib,
                 "memory_per_rank_gib": memory / GIB, "fits": memory <= cluster.device_mem_gib * GIB,
                 "compute_s": compute, "comm_bytes_per_rank": comm_bytes(measured["params"], stage=stage, elem_bytes=elem),
                 "comm_s": comm, "step_s": step, "tokens_per_s": measured["tokens_per_step"] * n / step,
@@ -166,16 +202,19 @@ def measure(model_cfg, *, residues: int, micro_batch: int, dtype: str, rounds: i
                 out = model(coors, tokens=tokens, mask=mask)
             out.float().square().mean().backward()
 
-        step()  # warm-up; the gradient buffers exist from here on
+        step()  # warm-up
         with FlopCounterMode(display=False) as counter:
             step()
-        peak = cpu_tensor_peak_bytes(step)
+        grads = sum(p.grad.nbytes for p in model.parameters() if p.grad is not None)
+        model.zero_grad(set_to_none=True)  # as an optimizer leaves them: the step allocates them again
+        peak = cpu_tensor_peak_bytes(step) - grads
         times = time_fn(step, rounds=rounds, warmup=0, device="cpu")
         steps[label] = {"flops": int(counter.get_total_flops()), "activation_bytes": int(peak),
                         "step_s": sorted(times)[len(times) // 2]}
     gemm = gemm_peak_flops(dtype, "cpu")
     base = steps["none"]
-    return {"params": params, "dtype": dtype, "residues": residues, "micro_batch": micro_batch,
+    persistent = sum(p.numel() for p in model.parameters() if p.numel() < DS_PERSISTENCE)
+    return {"params": params, "persistent_params": persistent, "dtype": dtype, "residues": residues, "micro_batch": micro_batch,
             "tokens_per_step": residues * micro_batch, "steps": steps, "gemm_flops": gemm,
             "mfu": base["flops"] / base["step_s"] / gemm, "threads": torch.get_num_threads()}
 
@@ -210,7 +249,11 @@ def build_parser():
     c.add_argument("--overlap", type=float, default=0.5,
                    help="fraction of the backward pass that hides communication (assumption)")
     c.add_argument("--buffer-gib", type=float, default=2.0,
-                   help="per-rank allowance for communication buckets, the CUDA context and fragmentation")
+                   help="per-rank allowance for the CUDA context, NCCL buffers and fragmentation")
+    c.add_argument("--reduce-bucket-size", type=float, default=DS_REDUCE_BUCKET,
+                   help="DeepSpeed's zero_optimization.reduce_bucket_size, elements (its default 5e8)")
+    p.add_argument("--validate", action="store_true",
+                   help="measure communication, memory and step time at 2 processes here against the model")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--out", default=str(OUT), help="folder for the scaling plot ('' = none)")
     return p, dests
@@ -258,6 +301,25 @@ COLUMNS = ["zero_stage", "activation_checkpointing", "memory_per_rank_gib", "fit
            "tokens_per_s", "weak_scaling_efficiency", "hours_per_1k_steps"]
 
 
+def print_validation(args, model: dict) -> int:
+    from bench import plan_validate
+    result = plan_validate.validate(model, residues=args.residues, micro_batch=args.micro_batch, steps=args.rounds,
+                                    job_steps=args.rounds + 4)
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "validation.json").write_text(json.dumps(result, indent=1))
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    import pandas as pd
+    print(f"validation at 2 processes x {result['threads_per_process']} thread(s), {result['params']:,} parameters, "
+          f"{args.residues} residues x {args.micro_batch}; gloo fit {result['gloo_fit']['gbps']:.3g} GB/s, "
+          f"{result['gloo_fit']['latency_us']:.3g} us")
+    table = pd.DataFrame(result["validation"])[["quantity", "measured", "predicted", "ratio", "within_25pct"]]
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    return 0
+
+
 def main(argv=None) -> int:
     from vnt import cli
     from vnt.denoiser import default_model_config
@@ -274,15 +336,17 @@ def main(argv=None) -> int:
             raise ValueError(f"--overlap must be in [0, 1], got {args.overlap}")
     except (ValueError, TypeError) as err:
         cli.fail(p, err)
+    if args.validate:
+        return print_validation(args, cli.given(args, dests))
     started = time.perf_counter()
     measured = measure(model_cfg, residues=args.residues, micro_batch=args.micro_batch, dtype=args.dtype,
                        rounds=args.rounds)
-    kw = dict(overlap=args.overlap, buffer_gib=args.buffer_gib, mfu=args.mfu)
+    kw = dict(overlap=args.overlap, buffer_gib=args.buffer_gib, mfu=args.mfu, bucket_elements=args.reduce_bucket_size)
     rows = project(measured, cluster, **kw)
     best = recommend(rows)
     assumptions = {
         "cluster": dataclasses.asdict(cluster), "overlap": args.overlap, "buffer_gib": args.buffer_gib,
-        "mfu": args.mfu if args.mfu is not None else measured["mfu"],
+        "mfu": args.mfu if args.mfu is not None else measured["mfu"], "reduce_bucket_size": args.reduce_bucket_size,
         "mfu_source": "given" if args.mfu is not None else "measured here: FLOPs / step time / dense GEMM, same dtype",
         "gradient_accumulation": 1, "activations": "measured here on a CPU; a GPU's kernels may save different tensors",
     }

@@ -13,12 +13,17 @@ TINY = ["--model-dim", "8", "--model-depth", "1", "--model-heads", "2", "--model
         "--model-dim-feat", "4", "--residues", "8", "--rounds", "1"]
 
 
-def test_zero_memory_and_communication_follow_the_zero_paper():
+def test_zero_memory_and_communication_follow_the_zero_paper_and_deepspeed():
     psi, n = 1000, 8
     mixed = [plan.model_state_bytes(psi, stage=s, ranks=n, mixed=True) for s in range(4)]
     assert mixed == [16 * psi, 4 * psi + 12 * psi / n, 2 * psi + 14 * psi / n, 16 * psi / n]
-    assert plan.model_state_bytes(psi, stage=2, ranks=n, mixed=False) == 4 * psi + 12 * psi / n
-    assert [plan.comm_bytes(psi, stage=s, elem_bytes=2) for s in range(4)] == [4000, 4000, 4000, 6000]
+    # float32: DeepSpeed's extra float32 copy of each partition; ZeRO-3 keeps small tensors whole
+    assert plan.model_state_bytes(psi, stage=2, ranks=n, mixed=False) == 4 * psi + 16 * psi / n
+    assert plan.model_state_bytes(psi, stage=3, ranks=n, mixed=True, persistent=100) == 16 * psi / n + 2 * 100 * 7 / 8
+    # ZeRO-1/2 all-reduce and all-gather under DeepSpeed's default: 3 passes, where the paper counts 2
+    assert [plan.comm_bytes(psi, stage=s, elem_bytes=2) for s in range(4)] == [4000, 6000, 6000, 6000]
+    assert plan.bucket_bytes(stage=0, elem_bytes=2, bucket_elements=5e8, params=psi) == 0
+    assert plan.bucket_bytes(stage=3, elem_bytes=2, bucket_elements=5e8, params=psi) == 1e9 + 2 * psi
     # ring: (n - 1) / n x bytes / B + (n - 1) alpha per pass; one rank moves nothing
     assert plan.ring_time_s(8e9, ranks=8, passes=2, gbps=1.0, latency_us=1e6) == pytest.approx(2 * (7 / 8 * 8 + 7))
     assert plan.ring_time_s(8e9, ranks=1, passes=2, gbps=1.0, latency_us=1.0) == 0.0
@@ -35,7 +40,12 @@ def test_projection_rows_and_recommendation():
     plain = {r["zero_stage"]: r for r in rows if not r["activation_checkpointing"]}
     assert plain[0]["compute_s"] == pytest.approx(1e15 / (989e12 * 0.5))
     # 16 GB of model states + 70 GiB of activations do not fit 80 GiB; ZeRO-3 shards the states over 32 ranks
-    assert not plain[0]["fits"] and plain[3]["memory_per_rank_gib"] < plain[2]["memory_per_rank_gib"]
+    # but holds DeepSpeed's gathered working set (here all 1e9 parameters in bf16) beside them
+    assert not plain[0]["fits"] and plain[3]["model_states_gib"] < plain[2]["model_states_gib"]
+    assert plain[3]["ds_buckets_gib"] == pytest.approx((1e9 + 2e9) / 2 ** 30)
+    for r in rows:
+        parts = r["model_states_gib"] + r["activations_gib"] + r["ds_buckets_gib"] + r["buffers_gib"]
+        assert r["memory_per_rank_gib"] == pytest.approx(parts)
     assert plain[3]["comm_s"] > plain[0]["comm_s"]  # 3 Psi against 2 Psi, across nodes
     best = plan.recommend(rows)
     assert best["fits"] and best["step_s"] == min(r["step_s"] for r in rows if r["fits"])
@@ -66,3 +76,29 @@ def test_plan_rejects_bad_input_in_one_line(bad, message):
     proc = subprocess.run([sys.executable, "-m", "bench.plan", *TINY, "--out", "", *bad], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and message in proc.stderr
+
+
+def test_alpha_beta_fit_recovers_bandwidth_and_latency():
+    from bench.plan_validate import fit_alpha_beta
+    sizes = [2 ** k for k in range(10, 24)]
+    gbps, latency_us = 2.0, 50.0
+    seconds = [plan.ring_time_s(x, ranks=2, passes=2, gbps=gbps, latency_us=latency_us) for x in sizes]
+    assert fit_alpha_beta(sizes, seconds, ranks=2) == pytest.approx((gbps, latency_us), rel=1e-6)
+    with pytest.raises(ValueError, match=">= 2"):
+        fit_alpha_beta([1], [1.0], ranks=2)
+
+
+def test_validate_measures_every_comparison_at_two_processes(tmp_path):
+    """--validate at tiny size: DeepSpeed's logged traffic is the planner's passes x Psi exactly, and every
+    comparison (communication, memory, step time at 2 processes, the simulated 2-node job) is reported."""
+    proc = subprocess.run([sys.executable, "-m", "bench.plan", "--validate", *TINY, "--json", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    rows = {r["quantity"]: r for r in result["validation"]}
+    assert len(rows) == 13 and all(r["measured"] > 0 and r["predicted"] > 0 for r in rows.values())
+    for stage in range(4):  # a few small DeepSpeed checks besides the parameters: within 1%
+        assert rows[f"comm elements per step, ZeRO-{stage}"]["ratio"] == pytest.approx(1.0, abs=0.01)
+    assert any(q.startswith("step time (s), simulated 2-node") for q in rows)
+    assert result["gloo_fit"]["gbps"] > 0
+    assert json.loads((tmp_path / "validation.json").read_text())["validation"] == result["validation"]
