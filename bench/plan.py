@@ -16,9 +16,11 @@ What is projected (formulas, assumptions stated in the output's ``assumptions``)
   - model states per rank, Psi parameters: mixed precision (the ZeRO paper): ZeRO 0 16 Psi bytes,
     ZeRO-1 4 Psi + 12 Psi / N, ZeRO-2 2 Psi + 14 Psi / N, ZeRO-3 16 Psi / N; float32 (DeepSpeed keeps
     a float32 copy of each rank's partition): 16 Psi, 8 Psi + 12 Psi / N, 4 Psi + 16 Psi / N, 20 Psi / N;
-    ZeRO-3 keeps tensors under 1e5 elements whole on every rank. Plus activations, DeepSpeed's reduce
-    bucket (ZeRO 1-3: ``--reduce-bucket-size`` elements in the gradient dtype), ZeRO-3's gathered
-    parameters (up to 1e9 elements) and ``--buffer-gib``.
+    ZeRO-3 keeps tensors under 1e5 elements whole on every rank. Plus activations, DeepSpeed's buffers
+    on more than one rank (ZeRO-0: the gradients flattened for the all-reduce, up to 5e8 elements;
+    ZeRO 1-3: the reduce bucket, ``--reduce-bucket-size`` elements in the gradient dtype; ZeRO-2: the
+    unreduced gradients of a bucket, as many again; ZeRO-3: the gathered parameters, up to 1e9
+    elements) and ``--buffer-gib``.
   - communication per rank and step, in ring passes of Psi elements: ZeRO-0 all-reduces the gradients
     (2), ZeRO-1/2 all-reduce the gradient buckets and all-gather the parameters (3, DeepSpeed's default
     ``use_multi_rank_bucket_allreduce``; the ZeRO paper's reduce-scatter would be 2), ZeRO-3 gathers
@@ -43,6 +45,7 @@ ROOT = Path(__file__).parents[1]
 OUT = ROOT / "results" / "plan"
 GIB = 2 ** 30
 DS_REDUCE_BUCKET = 5e8          # DeepSpeed's default zero_optimization.reduce_bucket_size (elements)
+DS_ALLREDUCE_BUFFER = 5 * 10 ** 8  # DeepSpeed's MEMORY_OPT_ALLREDUCE_SIZE: ZeRO-0's flattened all-reduce (elements)
 DS_MAX_LIVE = 10 ** 9           # DeepSpeed's default stage3_max_live_parameters (elements)
 DS_PERSISTENCE = 10 ** 5        # DeepSpeed's default stage3_param_persistence_threshold (elements)
 
@@ -119,15 +122,20 @@ def comm_bytes(params: int, *, stage: int, elem_bytes: int) -> float:
     return comm_passes(stage) * params * elem_bytes
 
 
-def bucket_bytes(*, stage: int, elem_bytes: int, bucket_elements: float, params: int = 0) -> float:
-    """DeepSpeed's buffers: the gradient reduce bucket (``zero_optimization.reduce_bucket_size``
-    elements in the gradient dtype), allocated whole by ZeRO 1-3 (measured by ``--validate``; ZeRO-0
-    reduces in place), and under ZeRO-3 the gathered parameters of the working set, up to
-    ``stage3_max_live_parameters`` (1e9 elements by default) of the ``params``."""
+def bucket_bytes(*, stage: int, elem_bytes: int, bucket_elements: float, params: int = 0, ranks: int = 2) -> float:
+    """DeepSpeed's buffers (measured by ``--validate``). ZeRO-0 on more than one rank flattens the
+    gradients into all-reduce buffers of up to ``DS_ALLREDUCE_BUFFER`` elements (DeepSpeed's
+    ``buffered_allreduce_fallback``); ZeRO 1-3 allocate the gradient reduce bucket whole, on any ranks
+    (``zero_optimization.reduce_bucket_size`` elements in the gradient dtype); ZeRO-2, whose states
+    count only the gradient partition, also holds the full gradients a bucket collects before it is
+    reduced (up to a bucket's worth, or Psi); and ZeRO-3 holds the
+    gathered parameters of the working set, up to ``stage3_max_live_parameters`` (1e9 elements by
+    default) of the ``params``."""
     if stage == 0:
-        return 0.0
+        return min(params, DS_ALLREDUCE_BUFFER) * elem_bytes if ranks > 1 else 0.0
     gathered = min(params, DS_MAX_LIVE) * elem_bytes if stage == 3 else 0.0
-    return bucket_elements * elem_bytes + gathered
+    unreduced = min(params, bucket_elements) * elem_bytes if stage == 2 else 0.0
+    return bucket_elements * elem_bytes + unreduced + gathered
 
 
 def project(measured: dict, cluster: Cluster, *, stages=(0, 1, 2, 3), overlap: float, buffer_gib: float,
@@ -149,7 +157,8 @@ def project(measured: dict, cluster: Cluster, *, stages=(0, 1, 2, 3), overlap: f
         for stage in stages:
             states = model_state_bytes(measured["params"], stage=stage, ranks=n, mixed=mixed,
                                        persistent=measured.get("persistent_params", 0))
-            buckets = bucket_bytes(stage=stage, elem_bytes=elem, bucket_elements=bucket_elements, params=measured["params"])
+            buckets = bucket_bytes(stage=stage, elem_bytes=elem, bucket_elements=bucket_elements, params=measured["params"],
+                                   ranks=n)
             comm = ring_time_s(measured["params"] * elem, ranks=n, passes=comm_passes(stage), gbps=gbps, latency_us=lat)
             exposed = max(0.0, comm - overlap * compute * 2 / 3)
             step = compute + exposed

@@ -291,10 +291,11 @@ def validate(model: dict, *, residues: int, micro_batch: int, steps: int, job_st
         got = two["stages"][str(stage)]
         predicted = (plan.model_state_bytes(psi, stage=stage, ranks=2, mixed=False, persistent=measured["persistent_params"])
                      + measured["steps"]["none"]["activation_bytes"]
-                     + plan.bucket_bytes(stage=stage, elem_bytes=4, bucket_elements=VALIDATE_BUCKET, params=psi))
+                     + plan.bucket_bytes(stage=stage, elem_bytes=4, bucket_elements=VALIDATE_BUCKET, params=psi, ranks=2))
         compare(f"peak memory per rank (MiB), ZeRO-{stage}", got["peak_bytes"] / 2 ** 20, predicted / 2 ** 20,
                 "peak live tensor bytes of a steady-state step; predicted: model states + activations (measured in "
-                "1 process without DeepSpeed) + reduce bucket (+ gathered parameters, ZeRO-3)")
+                "1 process without DeepSpeed) + DeepSpeed's buffers (ZeRO-0 flattened all-reduce, ZeRO 1-3 reduce bucket, "
+                "ZeRO-3 gathered parameters)")
     for stage in range(4):
         base = statistics.median(one["stages"][str(stage)]["step_s"])
         comm = plan.ring_time_s(psi * 4, ranks=2, passes=plan.comm_passes(stage), gbps=ab["gbps"],
