@@ -17,8 +17,8 @@ What is projected (formulas, assumptions stated in the output's ``assumptions``)
     ZeRO-1 4 Psi + 12 Psi / N, ZeRO-2 2 Psi + 14 Psi / N, ZeRO-3 16 Psi / N; float32 (DeepSpeed keeps
     a float32 copy of each rank's partition): 16 Psi, 8 Psi + 12 Psi / N, 4 Psi + 16 Psi / N, 20 Psi / N;
     ZeRO-3 keeps tensors under 1e5 elements whole on every rank. Plus activations, DeepSpeed's buffers
-    on more than one rank (ZeRO-0: the gradients flattened for the all-reduce, up to 5e8 elements;
-    ZeRO 1-3: the reduce bucket, ``--reduce-bucket-size`` elements in the gradient dtype; ZeRO-2: the
+    (ZeRO-0 on more than one rank: the gradients flattened for the all-reduce after the backward, up
+    to 5e8 elements, where they exceed the activations; ZeRO 1-3: the reduce bucket, ``--reduce-bucket-size`` elements in the gradient dtype; ZeRO-2: the
     unreduced gradients of a bucket, as many again; ZeRO-3: the gathered parameters, up to 1e9
     elements) and ``--buffer-gib``.
   - communication per rank and step, in ring passes of Psi elements: ZeRO-0 all-reduces the gradients
@@ -122,20 +122,24 @@ def comm_bytes(params: int, *, stage: int, elem_bytes: int) -> float:
     return comm_passes(stage) * params * elem_bytes
 
 
-def bucket_bytes(*, stage: int, elem_bytes: int, bucket_elements: float, params: int = 0, ranks: int = 2) -> float:
-    """DeepSpeed's buffers (measured by ``--validate``). ZeRO-0 on more than one rank flattens the
-    gradients into all-reduce buffers of up to ``DS_ALLREDUCE_BUFFER`` elements (DeepSpeed's
-    ``buffered_allreduce_fallback``); ZeRO 1-3 allocate the gradient reduce bucket whole, on any ranks
-    (``zero_optimization.reduce_bucket_size`` elements in the gradient dtype); ZeRO-2, whose states
-    count only the gradient partition, also holds the full gradients a bucket collects before it is
-    reduced (up to a bucket's worth, or Psi); and ZeRO-3 holds the
-    gathered parameters of the working set, up to ``stage3_max_live_parameters`` (1e9 elements by
-    default) of the ``params``."""
+def bucket_bytes(*, stage: int, elem_bytes: int, bucket_elements: float, params: int = 0) -> float:
+    """DeepSpeed's buffers that live beside the activations (measured by ``--validate``): ZeRO 1-3's
+    gradient reduce bucket (``zero_optimization.reduce_bucket_size`` elements in the gradient dtype);
+    under ZeRO-2, whose states count only the gradient partition, the full gradients a bucket collects
+    before it is reduced (up to a bucket's worth, or Psi); under ZeRO-3 the gathered parameters of the
+    working set, up to ``stage3_max_live_parameters`` (1e9 elements by default) of the ``params``."""
     if stage == 0:
-        return min(params, DS_ALLREDUCE_BUFFER) * elem_bytes if ranks > 1 else 0.0
+        return 0.0
     gathered = min(params, DS_MAX_LIVE) * elem_bytes if stage == 3 else 0.0
     unreduced = min(params, bucket_elements) * elem_bytes if stage == 2 else 0.0
     return bucket_elements * elem_bytes + unreduced + gathered
+
+
+def after_backward_bytes(*, stage: int, elem_bytes: int, params: int, ranks: int) -> float:
+    """ZeRO-0 on more than one rank flattens the gradients into all-reduce buffers of up to
+    ``DS_ALLREDUCE_BUFFER`` elements (DeepSpeed's ``buffered_allreduce_fallback``). That happens
+    after the backward pass has freed the activations, so it adds to the peak only beyond them."""
+    return min(params, DS_ALLREDUCE_BUFFER) * elem_bytes if stage == 0 and ranks > 1 else 0.0
 
 
 def project(measured: dict, cluster: Cluster, *, stages=(0, 1, 2, 3), overlap: float, buffer_gib: float,
@@ -157,17 +161,18 @@ def project(measured: dict, cluster: Cluster, *, stages=(0, 1, 2, 3), overlap: f
         for stage in stages:
             states = model_state_bytes(measured["params"], stage=stage, ranks=n, mixed=mixed,
                                        persistent=measured.get("persistent_params", 0))
-            buckets = bucket_bytes(stage=stage, elem_bytes=elem, bucket_elements=bucket_elements, params=measured["params"],
-                                   ranks=n)
+            buckets = bucket_bytes(stage=stage, elem_bytes=elem, bucket_elements=bucket_elements, params=measured["params"])
+            after = after_backward_bytes(stage=stage, elem_bytes=elem, params=measured["params"], ranks=n)
             comm = ring_time_s(measured["params"] * elem, ranks=n, passes=comm_passes(stage), gbps=gbps, latency_us=lat)
             exposed = max(0.0, comm - overlap * compute * 2 / 3)
             step = compute + exposed
             single = compute  # one device, no communication
-            memory = states + m["activation_bytes"] + buckets + buffer_gib * GIB
+            working = max(m["activation_bytes"], after)  # the activations, or what comes after them
+            memory = states + working + buckets + buffer_gib * GIB
             rows.append({
                 "zero_stage": stage, "activation_checkpointing": ckpt == "checkpointing", "gpus": n, "nodes": nodes,
                 "params": measured["params"], "model_states_gib": states / GIB,
-                "activations_gib": m["activation_bytes"] / GIB, "ds_buckets_gib": buckets / GIB, "buffers_gib": buffer_gib,
+                "activations_gib": working / GIB, "ds_buckets_gib": buckets / GIB, "buffers_gib": buffer_gib,
                 "memory_per_rank_gib": memory / GIB, "fits": memory <= cluster.device_mem_gib * GIB,
                 "compute_s": compute, "comm_bytes_per_rank": comm_bytes(measured["params"], stage=stage, elem_bytes=elem),
                 "comm_s": comm, "step_s": step, "tokens_per_s": measured["tokens_per_step"] * n / step,

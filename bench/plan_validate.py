@@ -35,6 +35,7 @@ ROOT = Path(__file__).parents[1]
 PASSES = {"all_reduce": 2, "all_gather_into_tensor": 1, "all_gather": 1, "reduce_scatter_tensor": 1,
           "reduce_scatter": 1, "reduce": 1, "broadcast": 1}
 VALIDATE_BUCKET = 2_000_000  # zero_optimization reduce / allgather bucket (elements) of the validation runs
+WARM_STEPS = 3  # untimed steady-state steps before the timed ones
 CHUNKED = {"all_gather_into_tensor", "all_gather", "reduce_scatter_tensor", "reduce_scatter"}  # logged per rank
 
 
@@ -75,7 +76,7 @@ def ring_passes_elements(comms: dict, *, world: int, steps: int) -> float:
 def _config(spec: dict, stage: int):
     from vnt.config import TrainConfig
     return (TrainConfig().replace("model", **spec["model"])
-            .replace("run", zero_stage=stage, comms_log=True, bf16=False, max_steps=spec["steps"] + 2)
+            .replace("run", zero_stage=stage, comms_log=True, bf16=False, max_steps=spec["steps"] + 3 + WARM_STEPS)
             .replace("data", batch_size=spec["micro_batch"]))
 
 
@@ -100,6 +101,22 @@ def _live_bytes(fn) -> tuple[int, int]:
         live += e.nbytes()
         peak = max(peak, live)
     return live, peak
+
+
+def _resident_bytes() -> int:
+    """Bytes of every distinct tensor storage alive now: the tensors the garbage collector tracks, and
+    the parameters' gradients (held in C++). Counted, not profiled: a profile misses the frees that
+    happen on gloo's threads, which made the net growth of a build vary by a buffer between runs."""
+    import torch
+    gc.collect()
+    storages = {}
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.Tensor) and obj.device.type == "cpu":
+            tensors = [obj] + ([obj.grad] if isinstance(obj, torch.nn.Parameter) and obj.grad is not None else [])
+            for t in tensors:
+                storage = t.untyped_storage()
+                storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
 
 
 def _stage(spec: dict, stage: int, world: int) -> dict:
@@ -132,10 +149,13 @@ def _stage(spec: dict, stage: int, world: int) -> dict:
         engine.backward(loss)
         engine.step()
 
-    gc.collect()  # the previous stage's engine, freed now rather than inside this profile
-    persistent, _ = _live_bytes(build_and_step)  # from nothing to after the first step
+    before = _resident_bytes()
+    build_and_step()
     engine = holder["engine"]
+    persistent = _resident_bytes() - before  # what the engine holds after its first step
     growth = max(_live_bytes(lambda: step(engine))[1] for _ in range(2))  # a steady-state step over that
+    for _ in range(spec.get("warm", WARM_STEPS)):  # ZeRO-3 traces its parameter fetches over the first steps
+        step(engine)
     comms_logger.comms_dict = {}
     times = []
     for _ in range(spec["steps"]):
@@ -183,7 +203,7 @@ def worker(spec: dict) -> None:
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     world, rank = dist.get_world_size(), dist.get_rank()
     out = {"world": world, "threads": spec["threads"], "stages": {}}
-    if world > 1:
+    if world > 1 and spec.get("allreduce", True):
         out["allreduce"] = _allreduce_bench(world)
     for stage in spec["stages"]:
         out["stages"][str(stage)] = _stage(spec, stage, world)
@@ -272,8 +292,15 @@ def validate(model: dict, *, residues: int, micro_batch: int, steps: int, job_st
     torch.set_num_threads(threads)
     measured = plan.measure(dataclasses.replace(default_model_config(), **model), residues=residues,
                             micro_batch=micro_batch, dtype="float32", rounds=steps)
-    one = run_workers(spec, world=1, timeout=900)
-    two = run_workers(spec, world=2, timeout=900)
+    # each stage in fresh processes: what one stage's engine leaves behind is freed inside the next
+    # one's profile otherwise, and its memory reads up to 4 Psi low
+    one, two = ({"stages": {}} for _ in range(2))
+    for stage in spec["stages"]:
+        for world, into in ((1, one), (2, two)):
+            got = run_workers({**spec, "stages": [stage], "allreduce": stage == spec["stages"][0]}, world=world,
+                              timeout=900)
+            into["stages"].update(got["stages"])
+            into.update({k: v for k, v in got.items() if k != "stages"})
     ab = two["allreduce"]
     psi = measured["params"]
     rows = []
@@ -290,12 +317,13 @@ def validate(model: dict, *, residues: int, micro_batch: int, steps: int, job_st
     for stage in range(4):
         got = two["stages"][str(stage)]
         predicted = (plan.model_state_bytes(psi, stage=stage, ranks=2, mixed=False, persistent=measured["persistent_params"])
-                     + measured["steps"]["none"]["activation_bytes"]
-                     + plan.bucket_bytes(stage=stage, elem_bytes=4, bucket_elements=VALIDATE_BUCKET, params=psi, ranks=2))
+                     + max(measured["steps"]["none"]["activation_bytes"],
+                           plan.after_backward_bytes(stage=stage, elem_bytes=4, params=psi, ranks=2))
+                     + plan.bucket_bytes(stage=stage, elem_bytes=4, bucket_elements=VALIDATE_BUCKET, params=psi))
         compare(f"peak memory per rank (MiB), ZeRO-{stage}", got["peak_bytes"] / 2 ** 20, predicted / 2 ** 20,
                 "peak live tensor bytes of a steady-state step; predicted: model states + activations (measured in "
-                "1 process without DeepSpeed) + DeepSpeed's buffers (ZeRO-0 flattened all-reduce, ZeRO 1-3 reduce bucket, "
-                "ZeRO-3 gathered parameters)")
+                "1 process without DeepSpeed; ZeRO-0's flattened all-reduce after the backward where larger) + "
+                "DeepSpeed's buffers (ZeRO 1-3 reduce bucket, ZeRO-2 unreduced gradients, ZeRO-3 gathered parameters)")
     for stage in range(4):
         base = statistics.median(one["stages"][str(stage)]["step_s"])
         comm = plan.ring_time_s(psi * 4, ranks=2, passes=plan.comm_passes(stage), gbps=ab["gbps"],

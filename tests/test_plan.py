@@ -22,9 +22,12 @@ def test_zero_memory_and_communication_follow_the_zero_paper_and_deepspeed():
     assert plan.model_state_bytes(psi, stage=3, ranks=n, mixed=True, persistent=100) == 16 * psi / n + 2 * 100 * 7 / 8
     # ZeRO-1/2 all-reduce and all-gather under DeepSpeed's default: 3 passes, where the paper counts 2
     assert [plan.comm_bytes(psi, stage=s, elem_bytes=2) for s in range(4)] == [4000, 6000, 6000, 6000]
-    assert plan.bucket_bytes(stage=0, elem_bytes=2, bucket_elements=5e8, params=psi, ranks=1) == 0
-    assert plan.bucket_bytes(stage=0, elem_bytes=2, bucket_elements=5e8, params=psi) == 2 * psi  # the flattened gradients
-    assert plan.bucket_bytes(stage=1, elem_bytes=2, bucket_elements=5e8, params=psi, ranks=1) == 1e9
+    assert plan.bucket_bytes(stage=0, elem_bytes=2, bucket_elements=5e8, params=psi) == 0
+    assert plan.bucket_bytes(stage=1, elem_bytes=2, bucket_elements=5e8, params=psi) == 1e9
+    # ZeRO-0's flattened gradients, after the backward, on more than one rank
+    assert plan.after_backward_bytes(stage=0, elem_bytes=2, params=psi, ranks=2) == 2 * psi
+    assert plan.after_backward_bytes(stage=0, elem_bytes=2, params=psi, ranks=1) == 0
+    assert plan.after_backward_bytes(stage=1, elem_bytes=2, params=psi, ranks=2) == 0
     assert plan.bucket_bytes(stage=2, elem_bytes=2, bucket_elements=5e8, params=psi) == 1e9 + 2 * psi  # + unreduced
     assert plan.bucket_bytes(stage=3, elem_bytes=2, bucket_elements=5e8, params=psi) == 1e9 + 2 * psi
     # ring: (n - 1) / n x bytes / B + (n - 1) alpha per pass; one rank moves nothing
