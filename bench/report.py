@@ -448,8 +448,9 @@ def render_train(out_dir: Path = TRAIN) -> None:
         _best(table, (table["backend"] == "sdpa") & (table["bias_epsilon"] == 0) & ~table["bf16"].astype(bool)
               & (table["world"] == 2) & plain, "vnt or a peer network"),
     ]
-    if set(table["group"]) == {"quality"}:  # the quality profile asks one question
-        heads = [_best(table, table["network"] == table["network"], "which network at an equal training time")]
+    if set(table["group"]) <= {"quality", "steps"}:  # the quality profile: which network, at equal time and steps
+        heads = [_best(table, table["group"] == "quality", "which network at an equal training time"),
+                 _best(table, table["group"] == "steps", "which network at an equal number of steps")]
     heads = pd.DataFrame([h for h in heads if h]).set_index("question") if any(heads) else pd.DataFrame()
     cols = ["seeds", "val_rmsd_ratio", "ratio_spread", "val_rmsd_denoised", "equiv_rel_err", "equiv_floor_rel_err",
             "tokens_per_s", "train_time_s", "peak_mem_mib", "parameters", "steps"]

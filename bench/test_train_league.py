@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).parents[1]
-PEER_PACKAGES = {"vn-transformer-0.1.0": "VN_transformer", "en-transformer": "en_transformer"}
+PEER_PACKAGES = {"vn-transformer-0.1.0": "VN_transformer", "en-transformer": "en_transformer",
+                 "equiformer": "equiformer_pytorch"}
 
 
 def test_train_case(train_case, benchmark, rows, tmp_path):

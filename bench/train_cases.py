@@ -4,7 +4,7 @@ same seeds, data order, crops, noise and optimizer.
 
 Axes: attention backend; bias epsilon; float32 vs bf16; 1 vs 2 processes (same global batch: one
 process accumulates two micro batches); peer networks trained by the same loop (vnt.peers): the
-original VN-transformer 0.1.0 and En-Transformer; flush-to-zero off (PyTorch's default) and on for
+original VN-transformer 0.1.0, En-Transformer and Equiformer; flush-to-zero off (PyTorch's default) and on for
 vnt and the peers, so that their throughput compares with denormals controlled. ``pytest --benchmark-only --bench-profile train``.
 """
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 SEEDS = (0, 1)
+PEERS = ("vn-transformer-0.1.0", "en-transformer", "equiformer")  # vnt.peers
 # model sizes other than the main job's default (vnt.denoiser.default_model_config)
 SIZES = {"large": ["--model-dim", "64", "--model-depth", "3", "--model-heads", "4", "--model-dim-head", "64",
                    "--model-dim-feat", "32"]}
@@ -19,7 +20,7 @@ SIZES = {"large": ["--model-dim", "64", "--model-depth", "3", "--model-heads", "
 
 @dataclass(frozen=True)
 class TrainCase:
-    network: str = "vnt"            # vnt | vn-transformer-0.1.0 | en-transformer
+    network: str = "vnt"            # vnt | vn-transformer-0.1.0 | en-transformer | equiformer
     backend: str = "sdpa"           # vnt's attention backend (the original: sdpa = flash_attn, l2 = l2_dist_attn)
     bias_epsilon: float = 0.0
     bf16: bool = False
@@ -73,20 +74,23 @@ def train_cases(steps: int = 400, seeds=SEEDS) -> list[TrainCase]:
     settings = [TrainCase(backend=b, group="backend") for b in ("sdpa", "math", "l2")]
     settings += [TrainCase(bias_epsilon=e, group="epsilon") for e in (1e-6, 1e-4, 1e-2)]
     settings += [TrainCase(bf16=True, group="bf16"), TrainCase(world=1, group="world")]
-    settings += [TrainCase(network=n, group="peer") for n in ("vn-transformer-0.1.0", "en-transformer")]
+    settings += [TrainCase(network=n, group="peer") for n in PEERS]
     # the throughput comparison with the peers, with denormals flushed to zero in every package too
     settings += [TrainCase(network=n, ftz=True, group="ftz") for n in ("vnt", "vn-transformer-0.1.0", "en-transformer")]
     return [TrainCase(**{**asdict(c), "seed": s, "steps": steps}) for c in settings for s in seeds]
 
 
-def quality_cases(budget_s: float = 150.0, seeds=SEEDS) -> list[TrainCase]:
-    """Denoiser quality at an equal wall-clock budget of training: vnt per atom and per residue (the
-    main job's size, and a larger one) against En-Transformer at the size the issue measured it (dim
-    32, depth 2, 32 neighbours) (``pytest --benchmark-only --bench-profile quality``, ~30 min)."""
-    settings = [TrainCase(points="atom", group="quality"), TrainCase(group="quality"),
-                TrainCase(size="large", group="quality"), TrainCase(network="en-transformer", group="quality")]
-    return [TrainCase(**{**asdict(c), "seed": s, "steps": 100000, "time_budget_s": budget_s})
-            for c in settings for s in seeds]
+def quality_cases(budget_s: float = 150.0, steps: int = 150, seeds=SEEDS) -> list[TrainCase]:
+    """Denoiser quality: vnt (the main job's network) against the original and the peers the
+    original's README names, En-Transformer and Equiformer, each at the main job's width and depth
+    (dim 32, depth 2; the peers attend to 32 neighbours, Equiformer has degrees 0-1 at widths 32 / 16),
+    at an equal wall-clock budget of training (group ``quality``) and at an equal number of optimizer
+    steps (group ``steps``) (``pytest --benchmark-only --bench-profile quality``, ~40 min)."""
+    networks = [TrainCase(), *(TrainCase(network=n) for n in PEERS)]
+    timed = [TrainCase(**{**asdict(c), "group": "quality", "seed": s, "steps": 100000, "time_budget_s": budget_s})
+             for c in networks for s in seeds]
+    stepped = [TrainCase(**{**asdict(c), "group": "steps", "seed": s, "steps": steps}) for c in networks for s in seeds]
+    return timed + stepped
 
 
 def tiny_train_cases() -> list[TrainCase]:

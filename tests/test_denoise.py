@@ -55,6 +55,21 @@ def test_evaluate_reproduces_the_summary(name, trained, capsys):
     assert result["val_rmsd_denoised"] == pytest.approx(summary["val_rmsd_denoised"], rel=1e-6)
     assert result["val_rmsd_noisy"] == pytest.approx(summary["val_rmsd_noisy"], rel=1e-9)
     assert result["val_atoms"] == summary["val_atoms"] and result["rel_diff_to_summary"] < 1e-6
+    # as a user meets it: the ratio at 0.25 .. 2 A, and the bond geometry of clean, noisy and denoised
+    by_sigma = {r["sigma_A"]: r for r in result["by_sigma"]}
+    assert list(by_sigma) == [0.25, 0.5, 1.0, 2.0]
+    assert by_sigma[1.0]["val_rmsd_denoised"] == pytest.approx(result["val_rmsd_denoised"], rel=1e-9)
+    for sigma, r in by_sigma.items():
+        assert r["val_rmsd_noisy"] == pytest.approx(sigma * 3 ** 0.5, rel=0.1)  # per-axis sigma: sqrt(3) sigma
+        assert r["bond_rmsd_A_clean"] < 0.05 and r["angle_rmsd_deg_clean"] < 5  # deposited structures
+        assert r["bond_rmsd_A_noisy"] > 0.5 * sigma and r["angle_rmsd_deg_noisy"] > r["angle_rmsd_deg_clean"]
+        assert r["bonds"] > 0 and r["bond_rmsd_A_denoised"] > 0
+
+
+def test_evaluate_sigmas_option_picks_the_noise_levels(trained, capsys):
+    run_dir = trained("zero0-fp32", RUNS["zero0-fp32"])
+    assert evaluate_cli.main(["--run-dir", str(run_dir), "--sigmas", "0.5,3"]) == 0
+    assert [r["sigma_A"] for r in json.loads(capsys.readouterr().out)["by_sigma"]] == [0.5, 3.0]
 
 
 def test_denoise_cli_writes_the_same_residues_and_atoms(trained, tmp_path):

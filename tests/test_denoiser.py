@@ -48,7 +48,8 @@ def test_vnt_denoiser_float32_error_is_within_the_float32_bound(points, seed):
 
 
 @pytest.mark.parametrize("network, module", [("en-transformer", "en_transformer"),
-                                             ("vn-transformer-0.1.0", "VN_transformer")])
+                                             ("vn-transformer-0.1.0", "VN_transformer"),
+                                             ("equiformer", "equiformer_pytorch")])
 def test_peers_train_in_the_same_task(network, module):
     pytest.importorskip(module)
     torch.manual_seed(0)

@@ -67,9 +67,9 @@ def validation_seeds(batch: dict, seed: int) -> list[int]:
 class TaskConfig:
     """What the denoiser is made of besides the VNTransformer's own hyper-parameters (``model``)."""
 
-    network: Literal["vnt", "vn-transformer-0.1.0", "en-transformer"] = "vnt"  # the equivariant network (peers: vnt.peers)
+    network: Literal["vnt", "vn-transformer-0.1.0", "en-transformer", "equiformer"] = "vnt"  # the equivariant network (peers: vnt.peers)
     points: Literal["atom", "residue"] = "residue"  # vnt's points: a residue with its 4 atoms as 4 vector channels, or an atom (peers: atoms)
-    en_neighbors: int = 32              # en-transformer: nearest neighbours each point attends to
+    en_neighbors: int = 32              # en-transformer and equiformer: nearest neighbours each point attends to
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -101,9 +101,13 @@ class BackboneDenoiser(torch.nn.Module):
         else:
             from vnt import peers
             shape = dict(dim=cfg.dim, depth=cfg.depth, dim_head=cfg.dim_head, heads=cfg.heads, dim_feat=cfg.dim_feat)
-            self.peer = (peers.EnTransformer(**shape, neighbors=task.en_neighbors) if task.network == "en-transformer"
-                         else peers.OriginalVNTransformer(**shape, bias_epsilon=cfg.bias_epsilon,
-                                                          attn_backend=cfg.attn_backend))
+            if task.network == "en-transformer":
+                self.peer = peers.EnTransformer(**shape, neighbors=task.en_neighbors)
+            elif task.network == "equiformer":
+                self.peer = peers.Equiformer(**shape, neighbors=task.en_neighbors)
+            else:
+                self.peer = peers.OriginalVNTransformer(**shape, bias_epsilon=cfg.bias_epsilon,
+                                                        attn_backend=cfg.attn_backend)
         half = cfg.dim_feat // 2
         self.register_buffer("freqs", torch.exp(-math.log(1000.0) * torch.arange(half) / half), persistent=False)
 
@@ -158,15 +162,22 @@ class ResidueVNTransformer(torch.nn.Module):
 
 
 @torch.no_grad()
+def denoised_batches(model, batches, *, sigma: float, seed: int, scale: float, device):
+    """Per batch: (noisy, clean, denoised, mask), points (b, n, 3) and (b, n), with each example's
+    validation noise (``validation_seeds``)."""
+    for batch in batches:
+        noisy, clean, tokens, mask = model_inputs(batch, sigma=sigma, seeds=validation_seeds(batch, seed))
+        noisy, clean, tokens, mask = (t.to(device) for t in (noisy, clean, tokens, mask))
+        yield noisy, clean, denoise(model, noisy, tokens, mask, scale=scale), mask
+
+
 def validation_sums(model, batches, *, sigma: float, seed: int, scale: float, device, weights=None) -> torch.Tensor:
     """float64 [sum of squared errors noisy, sum denoised, valid atoms] over ``batches`` (each weighted
     by ``weights``, default 1), with each example's validation noise (``validation_seeds``)."""
     sums = torch.zeros(3, dtype=torch.float64)
-    for k, batch in enumerate(batches):
+    pairs = denoised_batches(model, batches, sigma=sigma, seed=seed, scale=scale, device=device)
+    for k, (noisy, clean, pred, mask) in enumerate(pairs):
         weight = 1.0 if weights is None else weights[k]
-        noisy, clean, tokens, mask = model_inputs(batch, sigma=sigma, seeds=validation_seeds(batch, seed))
-        noisy, clean, tokens, mask = (t.to(device) for t in (noisy, clean, tokens, mask))
-        pred = denoise(model, noisy, tokens, mask, scale=scale)
         m = mask[..., None]
         sums += weight * torch.tensor([(((noisy - clean) ** 2) * m).sum().item(), (((pred - clean) ** 2) * m).sum().item(),
                                        mask.sum().item()], dtype=torch.float64)

@@ -10,12 +10,16 @@ package registry and are imported only when used; a missing one raises ImportErr
 - ``en-transformer``: E(n)-Transformer (``en-transformer``): ``EnTransformer`` updates coordinates;
   the displacement is its output minus its input, and it attends to ``neighbors`` nearest points
   (dim and depth from the model config, its own 8 heads x 64).
+- ``equiformer``: Equiformer (``equiformer-pytorch``), SE(3)-equivariant attention on spherical
+  tensors of degrees 0 and 1 (``num_degrees=2``): invariant features in as degree 0, its reduced
+  degree-1 output is the displacement; widths (dim, dim / 2) per degree, the model config's depth,
+  heads and dim_head, attending to ``neighbors`` nearest points.
 """
 from __future__ import annotations
 
 from torch import Tensor, nn
 
-NETWORKS = ("vnt", "vn-transformer-0.1.0", "en-transformer")
+NETWORKS = ("vnt", "vn-transformer-0.1.0", "en-transformer", "equiformer")
 
 
 class OriginalVNTransformer(nn.Module):
@@ -51,3 +55,22 @@ class EnTransformer(nn.Module):
     def forward(self, coors: Tensor, *, feats: Tensor, mask: Tensor) -> Tensor:
         _, out = self.net(self.proj_in(feats), coors, mask=mask)
         return out - coors
+
+
+class Equiformer(nn.Module):
+    """Degrees 0-1 (``num_degrees=2``) at widths (dim, dim // 2), the model config's depth, heads and
+    dim_head; ``neighbors`` nearest points; ``reduce_dim_out`` turns its degree-1 channels into one
+    vector per point, the displacement (relative positions only: translation invariant)."""
+
+    def __init__(self, *, dim: int, depth: int, dim_head: int, heads: int, dim_feat: int, neighbors: int, **_):
+        super().__init__()
+        try:
+            from equiformer_pytorch import Equiformer as Peer
+        except ImportError as err:
+            raise ImportError("the equiformer peer needs pip install equiformer-pytorch==0.5.4") from err
+        self.proj_in = nn.Linear(dim_feat, dim)
+        self.net = Peer(dim=(dim, max(1, dim // 2)), num_degrees=2, depth=depth, heads=heads, dim_head=dim_head,
+                        num_neighbors=neighbors, reduce_dim_out=True)
+
+    def forward(self, coors: Tensor, *, feats: Tensor, mask: Tensor) -> Tensor:
+        return self.net(self.proj_in(feats), coors, mask=mask).type1
