@@ -313,3 +313,19 @@ def test_activation_checkpointing_gives_the_same_losses(name, args, trained, cac
         for step in ref:
             for key in ("loss", "grad_norm"):
                 assert math.isclose(got[step][key], ref[step][key], rel_tol=1e-4), (step, key, got[step], ref[step])
+
+
+@pytest.mark.parametrize("network, module", [("equiformer", "equiformer_pytorch"), ("en-transformer", "en_transformer"),
+                                             ("vn-transformer-0.1.0", "VN_transformer")])
+def test_each_peer_network_trains_through_the_launcher(network, module, embedded, cache_dir, tmp_path):
+    """`bash launch/train.sh --task-network NETWORK` (the league's peers): trains, validates, checkpoints,
+    and the checkpoint loads back as that network."""
+    pytest.importorskip(module)
+    from vnt.denoiser import load_denoiser
+    run_dir = tmp_path / network
+    out = launch(["--task-network", network, "--task-points", "atom", "--task-en-neighbors", "8", "--max-steps", "2",
+                  "--run-dir", run_dir], cache_dir, NUM_GPUS=1)
+    assert out.returncode == 0, output(out)
+    assert summary(run_dir)["steps"] == 2 and 0 < summary(run_dir)["val_rmsd_ratio"] < 2
+    model = load_denoiser(run_dir)
+    assert model.task_config.network == network and hasattr(model, "peer")
