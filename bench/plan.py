@@ -18,9 +18,9 @@ What is projected (formulas, assumptions stated in the output's ``assumptions``)
     a float32 copy of each rank's partition): 16 Psi, 8 Psi + 12 Psi / N, 4 Psi + 16 Psi / N, 20 Psi / N;
     ZeRO-3 keeps tensors under 1e5 elements whole on every rank. Plus activations, DeepSpeed's buffers
     (ZeRO-0 on more than one rank: the gradients flattened for the all-reduce after the backward, up
-    to 5e8 elements, where they exceed the activations; ZeRO 1-3: the reduce bucket, ``--reduce-bucket-size`` elements in the gradient dtype; ZeRO-2: the
-    unreduced gradients of a bucket, as many again; ZeRO-3: the gathered parameters, up to 1e9
-    elements) and ``--buffer-gib``.
+    to 5e8 elements, where they exceed the activations; ZeRO 1-3: the reduce bucket,
+    ``--reduce-bucket-size`` elements in the gradient dtype; ZeRO-2: the unreduced gradients of a
+    bucket, as many again; ZeRO-3: the gathered parameters, up to 1e9 elements) and ``--buffer-gib``.
   - communication per rank and step, in ring passes of Psi elements: ZeRO-0 all-reduces the gradients
     (2), ZeRO-1/2 all-reduce the gradient buckets and all-gather the parameters (3, DeepSpeed's default
     ``use_multi_rank_bucket_allreduce``; the ZeRO paper's reduce-scatter would be 2), ZeRO-3 gathers
