@@ -190,18 +190,28 @@ def recommend(rows: list[dict]) -> dict | None:
 # ----------------------------------------------------------------------------------------------
 # measuring one step here
 
+def denoiser_inputs(*, residues: int, micro_batch: int, seed: int = 0, num_tokens: int | None = None):
+    """A random backbone for the denoiser: (coords (b, n, 3) in Angstrom, tokens (b, n), mask (b, n)),
+    n = residues x 4 atoms, every point real."""
+    import torch
+    from vnt.denoiser import NUM_ATOMS, NUM_RESIDUE_TOKENS
+    gen = torch.Generator().manual_seed(seed)
+    b, n = micro_batch, residues * NUM_ATOMS
+    return (torch.randn(b, n, 3, generator=gen) * 10,
+            torch.randint(0, num_tokens or NUM_RESIDUE_TOKENS * NUM_ATOMS, (b, n), generator=gen),
+            torch.ones(b, n, dtype=torch.bool))
+
+
 def measure(model_cfg, *, residues: int, micro_batch: int, dtype: str, rounds: int, seed: int = 0) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     from bench.measure import cpu_tensor_peak_bytes, gemm_peak_flops, time_fn
-    from vnt.denoiser import NUM_ATOMS, NUM_RESIDUE_TOKENS, BackboneDenoiser
+    from vnt.denoiser import BackboneDenoiser
 
     torch.manual_seed(seed)
-    n = residues * NUM_ATOMS
-    coors = torch.randn(micro_batch, n, 3) * 10
-    tokens = torch.randint(0, model_cfg.num_tokens or NUM_RESIDUE_TOKENS * NUM_ATOMS, (micro_batch, n))
-    mask = torch.ones(micro_batch, n, dtype=torch.bool)
+    coors, tokens, mask = denoiser_inputs(residues=residues, micro_batch=micro_batch, seed=seed,
+                                          num_tokens=model_cfg.num_tokens)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16")
     steps = {}
     params = None

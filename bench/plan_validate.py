@@ -3,11 +3,11 @@
 Each comparison is ``{quantity, measured, predicted, ratio}`` (ratio = measured / predicted):
   - **communication** per step, ZeRO 0-3: DeepSpeed's comms logger in a 2-process run of the main
     job's network, each call converted to ring passes of its whole tensor (all-reduce: 2, all-gather
-    and reduce-scatter: 1 of world x the logged chunk, reduce and broadcast: 1), against the ZeRO
-    paper's 2 Psi (ZeRO 0-2) and 3 Psi (ZeRO-3) elements;
-  - **model states** per rank, ZeRO 0-3 at 2 processes: the live tensor bytes a rank holds after a
-    training step (``torch.profiler`` allocation records from the model's construction on), against
-    the planner's per-stage formula;
+    and reduce-scatter: 1 of world x the logged chunk, reduce and broadcast: 1), against the planner's
+    ``comm_passes`` x Psi elements (2 for ZeRO-0, 3 for ZeRO 1-3);
+  - **peak memory** per rank, ZeRO 0-3 at 2 processes: the state a rank holds after its first step
+    (the distinct storages of live tensors and parameter gradients, counted) plus the profiled peak
+    growth of a steady-state step, against model states + activations + DeepSpeed's buffers;
   - **step time** at 2 processes, ZeRO 0-3: the median of timed steps, against the 1-process step time
     (same threads per process, measured here) plus the planner's ring time with gloo's alpha and
     beta, fitted by an all-reduce microbenchmark at 2 processes on this machine (overlap 0: DeepSpeed
@@ -81,12 +81,8 @@ def _config(spec: dict, stage: int):
 
 
 def _inputs(spec: dict):
-    import torch
-    from vnt.denoiser import NUM_ATOMS, NUM_RESIDUE_TOKENS
-    gen = torch.Generator().manual_seed(0)
-    b, n = spec["micro_batch"], spec["residues"] * NUM_ATOMS
-    return (torch.randn(b, n, 3, generator=gen) * 10, torch.randint(0, NUM_RESIDUE_TOKENS * NUM_ATOMS, (b, n), generator=gen),
-            torch.ones(b, n, dtype=torch.bool))
+    from bench.plan import denoiser_inputs
+    return denoiser_inputs(residues=spec["residues"], micro_batch=spec["micro_batch"])
 
 
 def _live_bytes(fn) -> tuple[int, int]:
@@ -238,15 +234,20 @@ def _flags(model: dict) -> list[str]:
     return [a for k, v in model.items() for a in (f"--model-{k.replace('_', '-')}", str(v).lower() if isinstance(v, bool) else str(v))]
 
 
+def _step_times(run_dir: Path) -> list[float]:
+    """The ``step_time_s`` column of a run's ``metrics.csv``."""
+    import csv
+    with open(run_dir / "metrics.csv") as f:
+        return [float(r["step_time_s"]) for r in csv.DictReader(f)]
+
+
 def _job(args: list[str], *, run_dir: Path, env: dict, timeout: float) -> list[float]:
     """Step times (``metrics.csv``) of ``bash launch/train.sh ARGS`` under ``env``."""
-    import csv
     out = subprocess.run(["bash", "launch/train.sh", *args], cwd=ROOT, env={**os.environ, **env}, capture_output=True,
                          text=True, timeout=timeout)
     if out.returncode:
         raise RuntimeError(f"launch/train.sh failed ({out.returncode}):\n{(out.stdout + out.stderr)[-3000:]}")
-    with open(run_dir / "metrics.csv") as f:
-        return [float(r["step_time_s"]) for r in csv.DictReader(f)]
+    return _step_times(run_dir)
 
 
 def two_node_job(model: dict, *, residues: int, micro_batch: int, steps: int, tmp: Path) -> dict:
@@ -269,9 +270,7 @@ def two_node_job(model: dict, *, residues: int, micro_batch: int, steps: int, tm
     logs = [p.communicate(timeout=600)[0] for p in procs]
     if any(p.returncode for p in procs):
         raise RuntimeError(f"the 2-node run failed ({[p.returncode for p in procs]}):\n{logs[0][-3000:]}")
-    import csv
-    with open(run_dir / "metrics.csv") as f:
-        two = [float(r["step_time_s"]) for r in csv.DictReader(f)]
+    two = _step_times(run_dir)
     return {"one_process_step_s": one[2:], "two_node_step_s": two[2:]}
 
 

@@ -177,11 +177,15 @@ def validation_sums(model, batches, *, sigma: float, seed: int, scale: float, de
     sums = torch.zeros(3, dtype=torch.float64)
     pairs = denoised_batches(model, batches, sigma=sigma, seed=seed, scale=scale, device=device)
     for k, (noisy, clean, pred, mask) in enumerate(pairs):
-        weight = 1.0 if weights is None else weights[k]
-        m = mask[..., None]
-        sums += weight * torch.tensor([(((noisy - clean) ** 2) * m).sum().item(), (((pred - clean) ** 2) * m).sum().item(),
-                                       mask.sum().item()], dtype=torch.float64)
+        sums += (1.0 if weights is None else weights[k]) * rmsd_sums(noisy, clean, pred, mask)
     return sums
+
+
+def rmsd_sums(noisy, clean, pred, mask) -> torch.Tensor:
+    """float64 [sum of squared errors noisy, sum denoised, valid atoms] of one batch."""
+    m = mask[..., None]
+    return torch.tensor([(((noisy - clean) ** 2) * m).sum().item(), (((pred - clean) ** 2) * m).sum().item(),
+                         mask.sum().item()], dtype=torch.float64)
 
 
 def rmsd_summary(sums: torch.Tensor) -> dict:

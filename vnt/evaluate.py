@@ -23,7 +23,7 @@ from einops import rearrange
 from vnt import checkpoint, cli
 from vnt.config import TrainConfig
 from vnt.data import NUM_ATOMS, DataError, DownloadUnavailable, load_proteins, validation_batches
-from vnt.denoiser import denoised_batches, load_denoiser, rmsd_summary, validation_sums
+from vnt.denoiser import denoised_batches, load_denoiser, rmsd_summary, rmsd_sums
 from vnt.geometry import geometry_sums, geometry_summary, peptide_bonds
 
 
@@ -55,12 +55,13 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     for rank in range(world):  # the run's shards, one after the other
         shard = list(validation_batches(examples, rank=rank, world_size=world, **kw))
         batches += shard[:limit] if limit else shard
-    sums = validation_sums(model, batches, sigma=cfg.sigma or train.run.sigma, seed=train.run.seed,
-                           scale=train.run.coord_scale, device="cpu")
-    result = {**rmsd_summary(sums), "split": cfg.split, "dtype": str(dtype).removeprefix("torch."),
-              "sigma_A": cfg.sigma or train.run.sigma, "world_size_of_run": world, "batches": len(batches)}
-    result["by_sigma"] = [sigma_report(model, batches, sigma=sigma, seed=train.run.seed, scale=train.run.coord_scale)
-                          for sigma in cfg.sigmas]
+    sigma = cfg.sigma or train.run.sigma
+    reports = {s: sigma_report(model, batches, sigma=s, seed=train.run.seed, scale=train.run.coord_scale)
+               for s in dict.fromkeys((sigma, *cfg.sigmas))}  # the run's sigma once, even when it is in sigmas
+    rmsd = {k: v for k, v in reports[sigma].items() if k.startswith("val_")}
+    result = {**rmsd, "split": cfg.split, "dtype": str(dtype).removeprefix("torch."),
+              "sigma_A": sigma, "world_size_of_run": world, "batches": len(batches),
+              "by_sigma": [reports[s] for s in cfg.sigmas]}
     summary_file = run_dir / "summary.json"
     if summary_file.is_file() and cfg.split == "valid" and cfg.sigma is None and not cfg.all_batches:
         reported = json.loads(summary_file.read_text()).get("val_rmsd_denoised")
@@ -80,9 +81,7 @@ def sigma_report(model, batches, *, sigma: float, seed: int, scale: float) -> di
     rmsd = torch.zeros(3, dtype=torch.float64)
     geometry = {k: torch.zeros(4, dtype=torch.float64) for k in ("clean", "noisy", "denoised")}
     for noisy, clean, pred, mask in denoised_batches(model, batches, sigma=sigma, seed=seed, scale=scale, device="cpu"):
-        m = mask[..., None]
-        rmsd += torch.tensor([(((noisy - clean) ** 2) * m).sum().item(), (((pred - clean) ** 2) * m).sum().item(),
-                              mask.sum().item()], dtype=torch.float64)
+        rmsd += rmsd_sums(noisy, clean, pred, mask)
         atoms = _per_residue(mask)
         bonded = peptide_bonds(_per_residue(clean), atoms)
         for key, coords in (("clean", clean), ("noisy", noisy), ("denoised", pred)):
